@@ -1,0 +1,1 @@
+"""Backends: one small interface over a causal LM (see base.py)."""

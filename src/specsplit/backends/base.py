@@ -1,0 +1,109 @@
+"""The backend interface: a causal LM with a KV cache per sequence.
+
+Every backend (transformers/PyTorch, llama.cpp, the NumPy reference) implements this.
+A *sequence* is an id (int) naming one KV cache; several sequences live in one backend.
+All positions are counted in tokens from the start of the sequence.
+
+Tree forward (for multi-draft verification, SpecInfer): ``forward(seq, tokens, parents)``
+appends n tokens whose attention follows a tree: token i attends to the whole cached
+prefix, to itself and to its ancestors among the new tokens (``parents[i]`` is the index of
+its parent among the new tokens, -1 for a child of the cached prefix). Its position is
+``cached_len + depth(i)``. ``parents=None`` means a plain chain (parents[i] = i - 1).
+After a tree forward, ``keep(seq, start, indices)`` compacts the cache to the first
+``start`` entries followed by the entries of the new tokens at ``indices`` (an accepted
+root-to-leaf path, in order).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import numpy as np
+
+
+class Tokenizer(ABC):
+    """Text <-> token ids for one vocabulary."""
+
+    vocab_size: int  # number of token ids (rows of the logits)
+    eos_token_ids: frozenset[int]  # ids that end generation
+    bos_token_id: int | None
+
+    @abstractmethod
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Text -> ids; add_special adds BOS where the model expects one."""
+
+    @abstractmethod
+    def decode(self, ids: Sequence[int]) -> str:
+        """Ids -> text; an incomplete UTF-8 character at the end decodes as U+FFFD."""
+
+    @abstractmethod
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str | None:
+        """Render chat messages with the model's template and a generation prompt;
+        None if the model has no chat template."""
+
+    @abstractmethod
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary (tokens and their ids): equal iff ids mean the same text."""
+
+
+class Backend(ABC):
+    """A causal LM with per-sequence KV caches. Logits are float32 or float64 NumPy arrays."""
+
+    name: str  # "torch", "llama.cpp", "numpy"
+    tokenizer: Tokenizer
+    vocab_size: int  # rows of the logits; may exceed tokenizer.vocab_size (padding)
+    n_ctx: int  # the most tokens one sequence may hold
+    supports_tree: bool = False  # forward(..., parents) and keep() implemented
+
+    @abstractmethod
+    def new_sequence(self) -> int:
+        """Open an empty sequence and return its id."""
+
+    @abstractmethod
+    def free_sequence(self, seq: int) -> None:
+        """Drop a sequence and its KV cache."""
+
+    @abstractmethod
+    def length(self, seq: int) -> int:
+        """Number of tokens in the sequence's KV cache."""
+
+    @abstractmethod
+    def forward(
+        self, seq: int, tokens: Sequence[int], parents: Sequence[int] | None = None
+    ) -> np.ndarray:
+        """Append tokens [n] to the cache; return logits [n, vocab_size], one row per new token
+        (row i is the next-token distribution after token i)."""
+
+    @abstractmethod
+    def truncate(self, seq: int, length: int) -> None:
+        """Roll the KV cache back to its first ``length`` tokens (called after every rejection)."""
+
+    def keep(self, seq: int, start: int, indices: Sequence[int]) -> None:
+        """Keep cache entries [0, start) and the new tokens at start + indices (a tree path)."""
+        idx = list(indices)
+        if idx == list(range(len(idx))):
+            self.truncate(seq, start + len(idx))
+            return
+        raise NotImplementedError(f"{self.name} backend does not support token trees")
+
+    def prefill(self, seq: int, tokens: Sequence[int], chunk: int = 512) -> np.ndarray:
+        """Append a long run of tokens in chunks; return the logits [V] after the last one."""
+        last = None
+        for i in range(0, len(tokens), chunk):
+            last = self.forward(seq, tokens[i : i + chunk])[-1]
+        if last is None:
+            raise ValueError("prefill needs at least one token")
+        return last
+
+    def forward_batch(self, items: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
+        """Forward several sequences' new tokens; default: one after another."""
+        return [self.forward(seq, toks) for seq, toks in items]
+
+    def identity(self) -> str:
+        """A hash naming the weights and the tokenizer (for handshakes and result files)."""
+        return self.tokenizer.fingerprint()
+
+    def close(self) -> None:
+        """Release the model (optional)."""
+        return None

@@ -1,0 +1,13 @@
+"""User-facing errors: one class, one line of explanation, never a traceback at the CLI."""
+
+
+class SpecsplitError(Exception):
+    """An error the user can act on; its message is one line that says what to do."""
+
+
+class ConfigError(SpecsplitError, ValueError):
+    """Invalid settings: sampling values, K, threads, device, prompt too long."""
+
+
+class ModelError(SpecsplitError):
+    """A model cannot be found, fetched, verified or paired with another."""

