@@ -1,0 +1,48 @@
+"""Load a backend by kind ("torch", "llama.cpp", "numpy") and model reference."""
+
+from __future__ import annotations
+
+from specsplit.backends.base import Backend
+from specsplit.errors import ConfigError
+
+BACKENDS = ("torch", "llama.cpp", "numpy")
+
+
+def check_device(device: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N'; anything else is a one-line error."""
+    d = device.strip().lower()
+    if d == "cpu" or d == "cuda" or (d.startswith("cuda:") and d[5:].isdigit()):
+        return d
+    raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def load_backend(
+    kind: str,
+    ref: str,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    n_ctx: int | None = None,
+) -> Backend:
+    """A backend of the given kind for a model name, GGUF path, folder or hub id."""
+    device = check_device(device)
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be >= 1, got {threads}")
+    if kind == "torch":
+        from specsplit.backends.torch_backend import TorchBackend
+
+        return TorchBackend.load(ref, device=device, threads=threads, n_ctx=n_ctx)
+    if kind == "llama.cpp":
+        from specsplit.backends.llamacpp_backend import LlamaCppBackend
+
+        gpu_layers = -1 if device.startswith("cuda") else 0
+        return LlamaCppBackend.load(
+            ref, n_ctx=n_ctx or 4096, threads=threads, gpu_layers=gpu_layers
+        )
+    if kind == "numpy":
+        if device != "cpu":
+            raise ConfigError("the numpy backend runs on the cpu only")
+        from specsplit.backends.numpy_backend import NumpyBackend
+
+        return NumpyBackend.load(ref)
+    raise ConfigError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

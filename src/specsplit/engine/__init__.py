@@ -1,0 +1,1 @@
+"""Engine: the speculation loop for one request and the choice of draft length."""

@@ -1,0 +1,125 @@
+"""Choosing the draft length K per round from measured costs and acceptance (DESIGN.md).
+
+Maximise expected tokens per second: E[tokens | K] / (t_draft(K) + t_verify(K + 1)), where
+E[tokens | K] = 1 + sum_{i=1..K} prod_{j<=i} alpha_j with alpha_j the measured per-position
+acceptance, t_verify(n) the measured cost of a target pass over n tokens and t_draft(K) the
+measured cost of drafting K tokens. K = 0 (plain decoding) wins where speculation does not pay.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+
+class DraftLengthPolicy(ABC):
+    """Picks K before a round and learns from its outcome."""
+
+    @abstractmethod
+    def choose(self, limit: int) -> int:
+        """K for the next round, at most limit."""
+
+    def update(self, k: int, n_accepted: int, t_draft: float, t_verify: float, n: int) -> None:
+        """Learn from a round: k drafted, n_accepted passed; n tokens verified in t_verify s."""
+        return None
+
+
+class FixedK(DraftLengthPolicy):
+    """The same K every round (replayable: same seed, same text)."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def choose(self, limit: int) -> int:
+        return max(0, min(self.k, limit))
+
+
+class CostTable:
+    """Seconds per target pass over n tokens: moving averages of measurements, interpolated."""
+
+    def __init__(self, decay: float = 0.7) -> None:
+        self.decay = decay
+        self.t: dict[int, float] = {}
+
+    def add(self, n: int, seconds: float) -> None:
+        old = self.t.get(n)
+        self.t[n] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+
+    def __call__(self, n: int) -> float:
+        if n in self.t:
+            return self.t[n]
+        xs = sorted(self.t)
+        if not xs:
+            return float(n)  # nothing measured: proportional to n
+        if len(xs) == 1:
+            return self.t[xs[0]] * max(n, 1) / max(xs[0], 1)
+        if n < xs[0]:
+            return self.t[xs[0]]
+        if n > xs[-1]:  # extrapolate with the slope of the last two points
+            a, b = xs[-2], xs[-1]
+            slope = max((self.t[b] - self.t[a]) / (b - a), 0.0)
+            return self.t[b] + slope * (n - b)
+        return float(np.interp(n, xs, [self.t[x] for x in xs]))
+
+
+class AdaptiveK(DraftLengthPolicy):
+    """K maximising expected tokens per second under measured costs and acceptance."""
+
+    def __init__(
+        self,
+        k_max: int = 12,
+        prior_alpha: float = 0.7,
+        prior_weight: float = 2.0,
+        decay: float = 0.98,
+        probe_every: int = 16,
+    ) -> None:
+        self.k_max = k_max
+        self.verify = CostTable()
+        self.draft_per_token = 0.0  # seconds per draft token (moving average)
+        self.prior_alpha, self.prior_weight = prior_alpha, prior_weight
+        self.decay = decay  # forget old rounds slowly: acceptance drifts with the text
+        self.probe_every = probe_every  # with K = 0 chosen, still probe K = 2 this often
+        self.acc = np.zeros(k_max)  # [k_max] decayed accepted counts at position i
+        self.prop = np.zeros(k_max)  # [k_max] decayed proposed counts at position i
+        self._since_probe = 0
+        self.chosen: list[int] = []
+
+    def alphas(self) -> np.ndarray:
+        """Per-position acceptance estimates [k_max], shrunk towards the overall rate."""
+        overall = (self.acc.sum() + self.prior_alpha * self.prior_weight) / (
+            self.prop.sum() + self.prior_weight
+        )
+        return (self.acc + overall * self.prior_weight) / (self.prop + self.prior_weight)
+
+    def expected_tokens(self, k: int) -> float:
+        return 1.0 + float(np.cumprod(self.alphas()[:k]).sum())
+
+    def rate(self, k: int) -> float:
+        """Expected tokens per second with draft length k."""
+        cost = self.draft_per_token * k + self.verify(k + 1)
+        return self.expected_tokens(k) / max(cost, 1e-9)
+
+    def choose(self, limit: int) -> int:
+        ks = range(0, max(0, min(self.k_max, limit)) + 1)
+        k = max(ks, key=self.rate)
+        if k == 0 and limit >= 2:
+            self._since_probe += 1
+            if self._since_probe >= self.probe_every:  # keep the estimates alive
+                self._since_probe = 0
+                k = 2
+        self.chosen.append(k)
+        return k
+
+    def update(self, k: int, n_accepted: int, t_draft: float, t_verify: float, n: int) -> None:
+        self.verify.add(n, t_verify)
+        if k > 0:
+            per = t_draft / k
+            self.draft_per_token = (
+                per if self.draft_per_token == 0 else 0.8 * self.draft_per_token + 0.2 * per
+            )
+            self.acc *= self.decay
+            self.prop *= self.decay
+            reached = min(k, n_accepted + 1)
+            self.prop[:reached] += 1
+            self.acc[:n_accepted] += 1

@@ -1,0 +1,1 @@
+"""Faces: the Python API, the CLI and the benchmark runner."""

@@ -1,0 +1,128 @@
+"""The Python API: ``SpeculativeDecoder(target, draft).generate(prompt, ...)``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+from specsplit.backends.base import Backend
+from specsplit.backends.load import load_backend
+from specsplit.engine.speculative import (
+    Chunk,
+    GenerationRequest,
+    GenerationResult,
+    SpeculativeEngine,
+)
+from specsplit.errors import ModelError
+from specsplit.proposers.base import Proposer
+from specsplit.proposers.draft_model import DraftModelProposer
+from specsplit.proposers.ngram import NGramProposer
+from specsplit.sampling import SamplingParams
+
+DEFAULT_TARGET = "qwen2.5-coder-1.5b"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+DEFAULT_TARGET_BACKEND = "torch"
+DEFAULT_DRAFT_BACKEND = "llama.cpp"
+
+DraftSpec = str | Backend | Proposer | None
+
+
+def make_proposer(
+    draft: DraftSpec,
+    target: Backend,
+    backend: str = DEFAULT_DRAFT_BACKEND,
+    device: str = "cpu",
+    threads: int | None = None,
+) -> Proposer | None:
+    """A proposer from a name ("ngram", "none", a model name or path), a backend or itself."""
+    if draft is None or draft == "none":
+        return None
+    if isinstance(draft, Proposer):
+        return draft
+    if draft == "ngram":
+        return NGramProposer()
+    if isinstance(draft, str):
+        draft = load_backend(backend, draft, device=device, threads=threads, n_ctx=target.n_ctx)
+    if draft.tokenizer.fingerprint() != target.tokenizer.fingerprint():
+        raise ModelError(
+            "the draft and target vocabularies do not match; pick a draft model with the "
+            "target's tokenizer (or use --draft ngram)"
+        )
+    return DraftModelProposer(draft)
+
+
+class SpeculativeDecoder:
+    """Lossless speculative decoding of a target model with one or more drafters."""
+
+    def __init__(
+        self,
+        target: str | Backend = DEFAULT_TARGET,
+        draft: DraftSpec | Sequence[DraftSpec] = DEFAULT_DRAFT,
+        *,
+        target_backend: str = DEFAULT_TARGET_BACKEND,
+        draft_backend: str = DEFAULT_DRAFT_BACKEND,
+        device: str = "cpu",
+        draft_device: str = "cpu",
+        target_threads: int | None = None,
+        draft_threads: int | None = None,
+        k: int | None = None,
+        n_ctx: int | None = 4096,
+        chat: bool = True,
+        warm_up: bool = True,
+    ) -> None:
+        self.target = (
+            target
+            if isinstance(target, Backend)
+            else load_backend(
+                target_backend, target, device=device, threads=target_threads, n_ctx=n_ctx
+            )
+        )
+        drafts = draft if isinstance(draft, list | tuple) else [draft]
+        proposers = [
+            make_proposer(d, self.target, draft_backend, draft_device, draft_threads)
+            for d in drafts
+        ]
+        self.engine = SpeculativeEngine(self.target, [p for p in proposers if p is not None], k=k)
+        self.chat = chat
+        if warm_up:
+            self.engine.warm_up()
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        """Prompt text (or chat messages) -> ids, with the chat template where the model has one."""
+        tok = self.target.tokenizer
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        rendered = tok.apply_chat_template(messages) if self.chat else None
+        if rendered is not None:
+            return tok.encode(rendered, add_special=False)
+        if not isinstance(prompt, str):
+            raise ModelError("this model has no chat template: pass the prompt as text")
+        return tok.encode(prompt, add_special=True)
+
+    def request(
+        self,
+        prompt: str | list[dict[str, str]] | Sequence[int],
+        max_new_tokens: int = 128,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        min_p: float = 0.0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+    ) -> GenerationRequest:
+        """Build an engine request (prompt as text, chat messages or token ids)."""
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p)
+        ids = (
+            list(prompt)
+            if isinstance(prompt, list | tuple) and prompt and isinstance(prompt[0], int)
+            else self.encode_prompt(prompt)  # type: ignore[arg-type]
+        )
+        return GenerationRequest(ids, max_new_tokens, params, seed, tuple(stop))
+
+    def generate(
+        self, prompt: str | list[dict[str, str]] | Sequence[int], **kw
+    ) -> GenerationResult:
+        """Generate to the end: text, token ids and statistics (see ``request`` for settings)."""
+        return self.engine.generate(self.request(prompt, **kw))
+
+    def stream(self, prompt: str | list[dict[str, str]] | Sequence[int], **kw) -> Iterator[Chunk]:
+        """Generate, yielding chunks of text; the last chunk carries the result."""
+        return self.engine.stream(self.request(prompt, **kw))

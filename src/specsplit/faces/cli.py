@@ -1,0 +1,137 @@
+"""The command line: `specsplit generate | models | bench`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from specsplit.errors import ConfigError, SpecsplitError
+from specsplit.faces.settings import GenerateSettings, add_arguments, from_namespace
+
+
+def _parse_k(k: str) -> int | None:
+    if k == "auto":
+        return None
+    try:
+        value = int(k)
+    except ValueError:
+        raise ConfigError(f"--k must be a number 0..64 or auto, got {k!r}") from None
+    if not 0 <= value <= 64:
+        raise ConfigError(f"--k must be in 0..64, got {value}")
+    return value
+
+
+def _summary(stats) -> str:
+    ks = stats.draft_lengths
+    hist = {k: ks.count(k) for k in sorted(set(ks))}
+    return (
+        f"{stats.new_tokens} tokens in {stats.t_total:.2f} s = {stats.tokens_per_s:.2f} tok/s "
+        f"(decode {stats.decode_tokens_per_s:.2f} tok/s, first token {stats.t_first_token:.2f} s) | "
+        f"acceptance {stats.acceptance_rate:.2f} | tau {stats.mean_accepted_length:.2f} | "
+        f"target passes {stats.target_passes} | K histogram {hist} | seed {stats.seed}"
+    )
+
+
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from specsplit.faces.api import SpeculativeDecoder
+
+    s: GenerateSettings = from_namespace(ns)
+    k = _parse_k(s.k)
+    decoder = SpeculativeDecoder(
+        s.target,
+        s.draft or ["qwen2.5-coder-0.5b"],
+        target_backend=s.target_backend,
+        draft_backend=s.draft_backend,
+        device=s.device,
+        draft_device=s.draft_device,
+        target_threads=s.target_threads,
+        draft_threads=s.draft_threads,
+        k=k,
+        n_ctx=s.n_ctx,
+        chat=not s.no_chat,
+    )
+    req = decoder.request(
+        ns.prompt,
+        max_new_tokens=s.max_new_tokens,
+        temperature=s.temperature,
+        top_k=s.top_k,
+        top_p=s.top_p,
+        min_p=s.min_p,
+        seed=s.seed,
+        stop=s.stop or (),
+    )
+    text_out = sys.stderr if s.json else sys.stdout
+    result = None
+    for chunk in decoder.engine.stream(req):
+        text_out.write(chunk.text)
+        text_out.flush()
+        result = chunk.result or result
+    text_out.write("\n")
+    assert result is not None
+    st = result.stats
+    if s.json:
+        record = {
+            "text": result.text,
+            "token_ids": result.token_ids,
+            "finish_reason": result.finish_reason,
+            **st.as_dict(),
+        }
+        sys.stdout.write(json.dumps(record) + "\n")
+    else:
+        print(_summary(st), file=sys.stderr)
+    return 0
+
+
+def cmd_models(ns: argparse.Namespace) -> int:
+    from specsplit import registry
+
+    if ns.action == "list":
+        for m in registry.MODELS.values():
+            state = "fetched" if registry.is_fetched(m.name) else "not fetched"
+            print(f"{m.name:22s} {m.size / 1e6:7.0f} MB  {state:11s}  {m.description}")
+        return 0
+    for name in ns.names:
+        print(registry.fetch(name))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="specsplit", description="Lossless speculative decoding.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate text for a prompt")
+    g.add_argument("prompt", help="the prompt (the chat template is applied for instruct models)")
+    add_arguments(g)
+    g.set_defaults(func=cmd_generate)
+    m = sub.add_parser("models", help="list or fetch the known models")
+    m.add_argument("action", choices=["list", "fetch"])
+    m.add_argument("names", nargs="*", help="model names to fetch")
+    m.set_defaults(func=cmd_models)
+    try:
+        from specsplit.faces.bench import add_bench_parser
+
+        add_bench_parser(sub)
+    except ImportError:
+        pass
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
+    ns = ap.parse_args(argv)
+    if ns.command == "models" and ns.action == "fetch" and not ns.names:
+        ap.error("models fetch needs at least one model name")
+    try:
+        return ns.func(ns)
+    except SpecsplitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FileNotFoundError as e:
+        print(f"error: file not found: {e.filename}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Proposers (drafters): a draft model on any backend, n-gram prompt lookup."""

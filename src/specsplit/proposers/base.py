@@ -1,0 +1,40 @@
+"""The proposer interface: given the committed text, propose up to k next tokens."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from specsplit.sampling import SamplingParams
+
+
+@dataclass
+class Draft:
+    """Draft tokens and, where they were sampled, the exact distribution of each."""
+
+    tokens: list[int]  # [k] proposed ids, k <= the k asked for
+    q: np.ndarray | None = None  # [k, V] what each token was sampled from; None = one-hot
+
+
+class Proposer(ABC):
+    """Proposes draft tokens for the text so far (prompt + accepted tokens)."""
+
+    name: str
+    cost_per_token: float = 0.0  # seconds per draft token, measured (for choosing K)
+
+    @abstractmethod
+    def propose(
+        self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator
+    ) -> Draft:
+        """Up to k tokens that may follow context [n]; sampled drafts fill Draft.q."""
+
+    def warm_up(self, context: Sequence[int]) -> None:
+        """Optional: measure costs before the timed run."""
+        return None
+
+    def reset(self) -> None:
+        """Forget any per-request state (caches are re-synchronised by prefix anyway)."""
+        return None

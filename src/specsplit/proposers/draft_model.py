@@ -1,0 +1,73 @@
+"""A draft model on any backend: samples k tokens one at a time from its own logits."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import numpy as np
+
+from specsplit.backends.base import Backend
+from specsplit.proposers.base import Draft, Proposer
+from specsplit.sampling import SamplingParams, logits_to_probs, sample, truncate_top_m
+
+
+class DraftModelProposer(Proposer):
+    """Autoregressive drafting with a small model; q is exactly the distribution sampled from.
+
+    The drafter keeps one KV cache and re-synchronises it with the committed text by common
+    prefix each round, so rejected draft tokens are rolled back with ``truncate``.
+    """
+
+    def __init__(self, backend: Backend, top_m: int = 0) -> None:
+        self.backend = backend
+        self.name = f"draft:{backend.name}"
+        self.top_m = top_m  # truncate q to its top-m tokens before sampling (0 = off)
+        self._seq = backend.new_sequence()
+        self._fed: list[int] = []  # tokens in the drafter's KV cache, in order
+
+    def _sync(self, context: Sequence[int]) -> np.ndarray:
+        """Bring the cache to context [n]; return logits [V] for the next token."""
+        n = min(len(self._fed), len(context) - 1)  # always re-feed >= 1 token for fresh logits
+        m = 0
+        while m < n and self._fed[m] == context[m]:
+            m += 1
+        if m < len(self._fed):
+            self.backend.truncate(self._seq, m)
+            del self._fed[m:]
+        new = [int(t) for t in context[m:]]
+        logits = self.backend.prefill(self._seq, new) if len(new) > 64 else None
+        if logits is None:
+            logits = self.backend.forward(self._seq, new)[-1]
+        self._fed.extend(new)
+        return logits
+
+    def propose(
+        self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator
+    ) -> Draft:
+        if k <= 0:
+            return Draft([])
+        t0 = time.perf_counter()
+        logits = self._sync(context)
+        tokens: list[int] = []
+        q_rows: list[np.ndarray] = []
+        for i in range(k):
+            if params.greedy:
+                tokens.append(int(np.argmax(logits)))
+            else:
+                q = truncate_top_m(logits_to_probs(logits, params), self.top_m)  # [V]
+                tokens.append(sample(q, rng))
+                q_rows.append(q)
+            if i + 1 < k:
+                logits = self.backend.forward(self._seq, tokens[-1:])[-1]
+                self._fed.append(tokens[-1])
+        self.cost_per_token = (time.perf_counter() - t0) / k
+        return Draft(tokens, None if params.greedy else np.stack(q_rows))
+
+    def warm_up(self, context: Sequence[int]) -> None:
+        self.propose(context, 4, SamplingParams(), np.random.default_rng(0))
+        self.reset()
+
+    def reset(self) -> None:
+        self.backend.truncate(self._seq, 0)
+        self._fed = []

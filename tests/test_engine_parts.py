@@ -1,0 +1,98 @@
+"""The engine's parts: n-gram lookup, the K policy, stopping and streaming text."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specsplit.backends.byte_tokenizer import ByteTokenizer
+from specsplit.engine.draft_length import AdaptiveK, CostTable, FixedK
+from specsplit.engine.speculative import SpeculativeEngine
+from specsplit.engine.stopping import TextStream
+from specsplit.proposers.ngram import NGramProposer
+from specsplit.sampling import GREEDY
+
+RNG = np.random.default_rng(0)
+
+
+def test_ngram_proposes_continuation_of_latest_match():
+    p = NGramProposer(max_ngram=2, min_ngram=1)
+    assert p.propose([1, 2, 3, 4, 9, 1, 2, 5, 6, 1, 2], 2, GREEDY, RNG).tokens == [5, 6]
+    assert p.propose([1, 2, 3, 4, 9, 1, 2, 5, 6, 1, 2, 5], 3, GREEDY, RNG).tokens == [6, 1, 2]
+
+
+def test_ngram_prefers_longer_match_and_handles_rollback():
+    p = NGramProposer(max_ngram=3, min_ngram=1)
+    ctx = [7, 1, 2, 8, 3, 1, 2, 9, 3, 1, 2]
+    assert p.propose(ctx, 2, GREEDY, RNG).tokens == [9, 3]  # "3 1 2" matched
+    assert p.propose([5, 6, 5], 2, GREEDY, RNG).tokens == [6, 5]  # not an extension: rebuilt
+    assert p.propose([4, 4, 3], 2, GREEDY, RNG).tokens == []
+    assert p.propose([], 2, GREEDY, RNG).tokens == []
+
+
+def test_fixed_k_respects_limit():
+    assert FixedK(5).choose(3) == 3
+    assert FixedK(5).choose(-1) == 0
+
+
+def test_cost_table_interpolates_and_extrapolates():
+    t = CostTable()
+    t.add(1, 0.01)
+    t.add(5, 0.05)
+    assert t(3) == pytest.approx(0.03)
+    assert t(9) == pytest.approx(0.09)
+
+
+def _policy(costs: dict[int, float], per_token: float, alpha: float) -> AdaptiveK:
+    p = AdaptiveK(k_max=12, probe_every=10**9)
+    for n, c in costs.items():
+        p.verify.add(n, c)
+    p.draft_per_token = per_token
+    p.acc[:] = 1000 * alpha
+    p.prop[:] = 1000
+    return p
+
+
+def test_adaptive_k_zero_when_verification_is_compute_bound():
+    # llama.cpp-like target on this CPU: verifying n tokens costs about n/2 single passes
+    costs = {1: 0.031, 5: 0.081, 9: 0.140, 17: 0.157}
+    assert _policy(costs, 0.018, 0.9).choose(100) == 0
+
+
+def test_adaptive_k_long_when_verification_is_memory_bound():
+    costs = {1: 0.338, 5: 0.40, 9: 0.45, 17: 0.74}  # torch fp32 target
+    k = _policy(costs, 0.018, 0.85).choose(100)
+    assert k >= 6
+    assert _policy(costs, 0.018, 0.85).choose(3) == 3
+
+
+def test_adaptive_k_probes_after_long_run_of_zero():
+    p = _policy({1: 0.03, 5: 0.2}, 0.05, 0.5)
+    p.probe_every = 4
+    assert [p.choose(10) for _ in range(4)] == [0, 0, 0, 2]
+
+
+def test_text_stream_holds_back_partial_utf8():
+    tok = ByteTokenizer()
+    s = TextStream(tok)
+    ids = list("aé".encode())
+    assert s.update(ids[:2]) == "a"  # first byte of é alone: held back
+    assert s.update(ids) == "é"
+
+
+def test_text_stream_holds_back_possible_stop_string_and_cuts_at_it():
+    tok = ByteTokenizer()
+    s = TextStream(tok, stop=["END"])
+    ids = list(b"hello EN")
+    assert s.update(ids) == "hello "  # "EN" may become "END"
+    ids = list(b"hello END and more")
+    cut = s.find_stop(ids)
+    assert cut == len(b"hello END")
+    assert s.update(ids[:cut], final=True) == ""
+    assert s.emitted == "hello "
+
+
+def test_cut_at_eos_and_budget():
+    assert SpeculativeEngine._cut([5, 6, 9, 7], 10, frozenset({9})) == ([5, 6], "eos")
+    assert SpeculativeEngine._cut([5, 6, 9, 7], 2, frozenset({9})) == ([5, 6], "length")
+    assert SpeculativeEngine._cut([5, 6], 3, frozenset({9})) == ([5, 6], None)
