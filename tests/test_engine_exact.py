@@ -10,6 +10,7 @@ from scipy.stats import chisquare
 
 from conftest import TinyTokenizer, perturbed, tiny_llama
 from specsplit.backends.byte_tokenizer import ByteTokenizer
+from specsplit.engine.draft_length import AdaptiveK
 from specsplit.engine.speculative import GenerationRequest, SpeculativeEngine
 from specsplit.proposers.draft_model import DraftModelProposer
 from specsplit.proposers.ngram import NGramProposer
@@ -29,7 +30,7 @@ def make_backend(kind: str, model, tokenizer):
 @pytest.fixture(scope="module")
 def greedy_models():
     target = tiny_llama(vocab=300, seed=0)
-    return target, perturbed(target, 0.35, seed=1), perturbed(target, 0.6, seed=2)
+    return target, perturbed(target, 0.08, seed=1), perturbed(target, 0.3, seed=2)
 
 
 PROMPT = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 72, 101]
@@ -55,13 +56,20 @@ def _proposers(kind, drafter, models, tok):
 def test_greedy_equals_target_greedy(kind, drafter, k, greedy_models):
     tok = ByteTokenizer(300)
     target = make_backend(kind, greedy_models[0], tok)
-    req = GenerationRequest(PROMPT, max_new_tokens=40)
+    req = GenerationRequest(PROMPT, max_new_tokens=64)
     reference = SpeculativeEngine(target).generate(req)
     assert reference.stats.target_passes == len(reference.token_ids) + (
         reference.finish_reason == "eos"
     )
-    engine = SpeculativeEngine(target, _proposers(kind, drafter, greedy_models, tok), k=k)
-    engine.warm_up(PROMPT)
+    policy = None
+    if k is None:  # auto K under a memory-bound cost profile (a GPU-like target)
+        policy = AdaptiveK(k_max=8, learn_costs=False)
+        policy.verify.add(1, 0.01)
+        policy.verify.add(9, 0.012)
+        policy.draft_per_token = 0.0005
+    engine = SpeculativeEngine(
+        target, _proposers(kind, drafter, greedy_models, tok), k=k, policy=policy
+    )
     res = engine.generate(req)
     assert res.token_ids == reference.token_ids
     assert res.finish_reason == reference.finish_reason
@@ -115,9 +123,10 @@ def _assert_matches(counts: Counter, joint: dict) -> None:
     keys = [k for k, pr in joint.items() if pr > 0]
     obs = np.array([counts[k] for k in keys], dtype=float)
     exp = np.array([joint[k] for k in keys]) * obs.sum()
-    small = exp < 5
-    obs = np.append(obs[~small], obs[small].sum())
-    exp = np.append(exp[~small], exp[small].sum())
+    small = exp < 5  # pool rare outcomes so the chi-square approximation holds
+    if small.any():
+        obs = np.append(obs[~small], obs[small].sum())
+        exp = np.append(exp[~small], exp[small].sum())
     assert chisquare(obs, exp).pvalue > 1e-3
     assert 0.5 * np.abs(obs - exp).sum() / obs.sum() < 0.08
 

@@ -73,6 +73,7 @@ class AdaptiveK(DraftLengthPolicy):
         prior_weight: float = 2.0,
         decay: float = 0.98,
         probe_every: int = 16,
+        learn_costs: bool = True,
     ) -> None:
         self.k_max = k_max
         self.verify = CostTable()
@@ -83,6 +84,7 @@ class AdaptiveK(DraftLengthPolicy):
         self.acc = np.zeros(k_max)  # [k_max] decayed accepted counts at position i
         self.prop = np.zeros(k_max)  # [k_max] decayed proposed counts at position i
         self._since_probe = 0
+        self.learn_costs = learn_costs  # False: keep the costs set by hand (tests, replays)
         self.chosen: list[int] = []
 
     def alphas(self) -> np.ndarray:
@@ -112,12 +114,12 @@ class AdaptiveK(DraftLengthPolicy):
         return k
 
     def update(self, k: int, n_accepted: int, t_draft: float, t_verify: float, n: int) -> None:
-        self.verify.add(n, t_verify)
+        if self.learn_costs:
+            self.verify.add(n, t_verify)
+            if k > 0:
+                old, per = self.draft_per_token, t_draft / k
+                self.draft_per_token = per if old == 0 else 0.8 * old + 0.2 * per
         if k > 0:
-            per = t_draft / k
-            self.draft_per_token = (
-                per if self.draft_per_token == 0 else 0.8 * self.draft_per_token + 0.2 * per
-            )
             self.acc *= self.decay
             self.prop *= self.decay
             reached = min(k, n_accepted + 1)

@@ -71,6 +71,7 @@ class SpeculativeEngine:
         proposers: Sequence[Proposer] = (),
         k: int | None = None,
         k_max: int = 12,
+        policy: DraftLengthPolicy | None = None,
     ) -> None:
         if len(proposers) > 1 and not target.supports_tree:
             raise ConfigError(f"several drafters need tree verification; {target.name} has none")
@@ -78,7 +79,7 @@ class SpeculativeEngine:
             raise ConfigError(f"k must be in [0, 64] or auto, got {k}")
         self.target = target
         self.proposers = list(proposers)
-        self.policy: DraftLengthPolicy = (
+        self.policy: DraftLengthPolicy = policy or (
             FixedK(0) if not proposers else FixedK(k) if k is not None else AdaptiveK(k_max)
         )
 

@@ -8,6 +8,7 @@ import sys
 
 from specsplit.errors import ConfigError, SpecsplitError
 from specsplit.faces.settings import GenerateSettings, add_arguments, from_namespace
+from specsplit.sampling import SamplingParams
 
 
 def _parse_k(k: str) -> int | None:
@@ -38,6 +39,11 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     s: GenerateSettings = from_namespace(ns)
     k = _parse_k(s.k)
+    SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
+    if s.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
+    if s.n_ctx < 16:
+        raise ConfigError(f"--n-ctx must be >= 16, got {s.n_ctx}")
     decoder = SpeculativeDecoder(
         s.target,
         s.draft or ["qwen2.5-coder-0.5b"],
