@@ -1,0 +1,446 @@
+"""The transformers / PyTorch backend: per-sequence DynamicCaches, token trees, batching.
+
+Tree forwards and batches pass a 4D additive mask [B, 1, n, kv_len] (0 = may attend,
+dtype-min = may not) as ``attention_mask``; transformers 5 hands such a mask to the
+attention kernels unchanged. Models run with "sdpa" attention: "eager" honours the mask too
+but takes its softmax in float32, so float64 test models would not be exact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from specsplit import registry
+from specsplit.backends.base import Backend, Tokenizer
+from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint
+from specsplit.errors import ConfigError, ModelError
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+META_FILE = "specsplit.json"  # written last into a converted-model folder
+
+
+def tree_layout(parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Depths [n] and the ancestor-or-self matrix [n, n] (row i: what token i attends to)."""
+    n = len(parents)
+    depth = np.zeros(n, dtype=np.int64)
+    anc = np.eye(n, dtype=bool)
+    for i, p in enumerate(parents):
+        if not -1 <= p < i:
+            raise ConfigError(f"parents[{i}] = {p}: a parent must be -1 or an earlier index")
+        if p >= 0:
+            depth[i] = depth[p] + 1
+            anc[i] |= anc[p]
+    return depth, anc
+
+
+def attention_mask(
+    lens: Sequence[int], ancs: Sequence[np.ndarray], dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
+    """Additive mask [B, 1, N, L + N] for B sequences with cached lengths ``lens`` (cache
+    padded on the right to L = max lens) and new tokens padded on the right to N."""
+    l_max, n_max = max(lens), max(a.shape[0] for a in ancs)
+    allowed = np.zeros((len(lens), n_max, l_max + n_max), dtype=bool)
+    diag = np.arange(n_max)
+    allowed[:, diag, l_max + diag] = True  # every row sees itself (padding rows too: no NaN)
+    for b, (length, anc) in enumerate(zip(lens, ancs, strict=True)):
+        n = anc.shape[0]
+        allowed[b, :, :length] = True
+        allowed[b, :n, l_max : l_max + n] = anc
+    mask = torch.zeros(allowed.shape, dtype=dtype)
+    mask.masked_fill_(torch.from_numpy(~allowed), torch.finfo(dtype).min)
+    return mask.unsqueeze(1).to(device)
+
+
+class TorchBackend(Backend):
+    """A transformers causal LM (Llama/Qwen2 family) with one DynamicCache per sequence."""
+
+    name = "torch"
+    supports_tree = True
+
+    def __init__(
+        self, model: Any, tokenizer: Tokenizer, device: str = "cpu", n_ctx: int | None = None
+    ) -> None:
+        self.device = _check_device(device)
+        self.model = model.to(self.device).eval()
+        if self.model.config._attn_implementation != "sdpa":
+            self.model.set_attn_implementation("sdpa")  # exact; eager softmaxes in float32
+        self.config = self.model.config.get_text_config(decoder=True)
+        self.tokenizer = tokenizer
+        self.vocab_size = int(self.config.vocab_size)
+        if tokenizer.vocab_size > self.vocab_size:
+            raise ModelError(
+                f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.vocab_size}"
+            )
+        self.n_ctx = int(n_ctx or self.config.max_position_embeddings)
+        self.origin = "memory"  # where the weights came from: memory, gguf, cache, folder, hub
+        self._caches: dict[int, Any] = {}
+        self._lens: dict[int, int] = {}
+        self._next_seq = 0
+
+    # ---- loading -------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        ref: str,
+        device: str = "cpu",
+        dtype: str = "float32",
+        threads: int | None = None,
+        n_ctx: int | None = None,
+    ) -> TorchBackend:
+        """A model by registry name, .gguf path, local transformers folder or hub id."""
+        if threads is not None:
+            if threads < 1:
+                raise ConfigError(f"threads must be >= 1, got {threads}")
+            torch.set_num_threads(threads)
+        tdtype = DTYPES.get(dtype)
+        if tdtype is None:
+            raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+        _check_device(device)
+        if ref in registry.MODELS or ref.endswith(".gguf"):
+            model, tok, origin = _load_gguf(registry.resolve_gguf(ref), tdtype)
+        elif Path(ref).expanduser().is_dir():
+            model, tok, origin = (
+                *_load_transformers(str(Path(ref).expanduser()), tdtype),
+                "folder",
+            )
+        elif ref.count("/") == 1 and not Path(ref).exists():
+            model, tok, origin = (*_load_hub(ref, tdtype), "hub")
+        else:
+            registry.spec(ref)  # raises the one-line unknown-model error
+            raise AssertionError("unreachable")
+        backend = cls(model, tok, device=device, n_ctx=n_ctx)
+        backend.origin = origin
+        return backend
+
+    # ---- sequences -----------------------------------------------------------------------
+
+    def new_sequence(self) -> int:
+        from transformers import DynamicCache
+
+        seq, self._next_seq = self._next_seq, self._next_seq + 1
+        self._caches[seq] = DynamicCache(config=self.config)
+        self._lens[seq] = 0
+        if any(type(layer).__name__ != "DynamicLayer" for layer in self._caches[seq].layers):
+            raise ModelError(
+                "torch backend supports full-attention models only (no sliding window)"
+            )
+        return seq
+
+    def free_sequence(self, seq: int) -> None:
+        self._check_seq(seq)
+        del self._caches[seq], self._lens[seq]
+
+    def length(self, seq: int) -> int:
+        self._check_seq(seq)
+        return self._lens[seq]
+
+    def _check_seq(self, seq: int) -> None:
+        if seq not in self._caches:
+            raise ConfigError(f"unknown sequence {seq}")
+
+    def _check_tokens(self, seq: int, tokens: Sequence[int]) -> list[int]:
+        self._check_seq(seq)
+        toks = [int(t) for t in tokens]
+        bad = [t for t in toks if not 0 <= t < self.vocab_size]
+        if bad:
+            raise ConfigError(f"token id {bad[0]} out of range [0, {self.vocab_size})")
+        if self._lens[seq] + len(toks) > self.n_ctx:
+            raise ConfigError(
+                f"sequence would hold {self._lens[seq] + len(toks)} tokens, more than n_ctx={self.n_ctx}"
+            )
+        return toks
+
+    # ---- forward -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def forward(
+        self, seq: int, tokens: Sequence[int], parents: Sequence[int] | None = None
+    ) -> np.ndarray:
+        toks = self._check_tokens(seq, tokens)
+        n, start = len(toks), self._lens[seq]
+        if parents is not None and len(parents) != n:
+            raise ConfigError(f"{len(parents)} parents for {n} tokens")
+        if n == 0:
+            return np.zeros((0, self.vocab_size), dtype=self._np_dtype())
+        ids = torch.tensor([toks], device=self.device)  # [1, n]
+        kwargs: dict[str, Any] = {}
+        if parents is None or list(parents) == list(range(-1, n - 1)):
+            positions = torch.arange(start, start + n, device=self.device)[None]  # [1, n]
+        else:  # a tree: custom mask, positions by depth
+            depth, anc = tree_layout(list(parents))
+            positions = torch.from_numpy(start + depth)[None].to(self.device)  # [1, n]
+            kwargs["attention_mask"] = attention_mask([start], [anc], self.model.dtype, self.device)
+        try:
+            out = self.model(
+                input_ids=ids, position_ids=positions, past_key_values=self._caches[seq], **kwargs
+            )
+        except Exception:
+            self._crop(seq, start)  # a failed call may have grown some layers
+            raise
+        self._lens[seq] = start + n
+        return self._to_numpy(out.logits[0])  # [n, V]
+
+    @torch.inference_mode()
+    def forward_batch(self, items: Sequence[tuple]) -> list[np.ndarray]:
+        """Items (seq, tokens) or (seq, tokens, parents), one per distinct sequence; one batched
+        forward over all of them; returns logits [n_b, V] per item."""
+        if len(items) <= 1:
+            return [self.forward(*item) for item in items]
+        seqs = [item[0] for item in items]
+        if len(set(seqs)) != len(seqs):
+            raise ConfigError("forward_batch: each sequence may appear only once")
+        toks = [self._check_tokens(item[0], item[1]) for item in items]
+        if any(len(t) == 0 for t in toks):
+            raise ConfigError("forward_batch: every item needs at least one token")
+        parents = [item[2] if len(item) > 2 and item[2] is not None else None for item in items]
+        layouts = [
+            tree_layout(list(p) if p is not None else list(range(-1, len(t) - 1)))
+            for t, p in zip(toks, parents, strict=True)
+        ]
+        lens = [self._lens[s] for s in seqs]
+        n_max = max(len(t) for t in toks)
+        ids = torch.tensor([t + [0] * (n_max - len(t)) for t in toks], device=self.device)
+        pos = np.stack([ln + np.pad(d, (0, n_max - len(d))) for ln, (d, _) in zip(lens, layouts)])
+        mask = attention_mask(lens, [a for _, a in layouts], self.model.dtype, self.device)
+        cache = self._stack_caches(seqs, max(lens))
+        out = self.model(
+            input_ids=ids,  # [B, N]
+            position_ids=torch.from_numpy(pos).to(self.device),  # [B, N]
+            attention_mask=mask,  # [B, 1, N, L + N]
+            past_key_values=cache,
+        )
+        self._unstack_caches(seqs, cache, max(lens), [len(t) for t in toks])
+        logits = self._to_numpy(out.logits)  # [B, N, V]
+        return [logits[b, : len(t)] for b, t in enumerate(toks)]
+
+    def _stack_caches(self, seqs: Sequence[int], l_max: int) -> Any:
+        """One batch DynamicCache [B, H, l_max, D] per layer, each sequence right-padded."""
+        from transformers import DynamicCache
+
+        batch = DynamicCache(config=self.config)
+        if l_max == 0:
+            return batch
+        per_seq = [self._caches[s].layers for s in seqs]
+        for li, layer in enumerate(batch.layers):
+            ref = next(p[li].keys for p in per_seq if p[li].is_initialized)  # [1, H, L, D]
+            ks, vs = [], []
+            for p, s in zip(per_seq, seqs, strict=True):
+                pad = l_max - self._lens[s]
+                if p[li].is_initialized:
+                    ks.append(torch.nn.functional.pad(p[li].keys, (0, 0, 0, pad)))
+                    vs.append(torch.nn.functional.pad(p[li].values, (0, 0, 0, pad)))
+                else:
+                    ks.append(ref.new_zeros(1, ref.shape[1], l_max, ref.shape[3]))
+                    vs.append(ks[-1])
+            k, v = torch.cat(ks), torch.cat(vs)  # [B, H, l_max, D]
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k, v
+        return batch
+
+    def _unstack_caches(self, seqs: Sequence[int], batch: Any, l_max: int, ns: list[int]) -> None:
+        """Append each sequence's new entries (at l_max .. l_max + n_b) to its own cache."""
+        for li, layer in enumerate(batch.layers):
+            for b, (s, n) in enumerate(zip(seqs, ns, strict=True)):
+                mine = self._caches[s].layers[li]
+                mine.update(
+                    layer.keys[b : b + 1, :, l_max : l_max + n],
+                    layer.values[b : b + 1, :, l_max : l_max + n],
+                )
+        for s, n in zip(seqs, ns, strict=True):
+            self._lens[s] += n
+
+    # ---- cache editing -------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def truncate(self, seq: int, length: int) -> None:
+        self._check_seq(seq)
+        if not 0 <= length <= self._lens[seq]:
+            raise ConfigError(f"cannot truncate a {self._lens[seq]}-token sequence to {length}")
+        self._crop(seq, length)
+
+    def _crop(self, seq: int, length: int) -> None:
+        for layer in self._caches[seq].layers:
+            if layer.is_initialized:
+                layer.keys = layer.keys[..., :length, :]
+                layer.values = layer.values[..., :length, :]
+        self._lens[seq] = length
+
+    @torch.inference_mode()
+    def keep(self, seq: int, start: int, indices: Sequence[int]) -> None:
+        self._check_seq(seq)
+        idx = [int(i) for i in indices]
+        n_new = self._lens[seq] - start
+        if not 0 <= start <= self._lens[seq] or any(not 0 <= i < n_new for i in idx):
+            raise ConfigError(f"keep({start}, {idx}) out of range for length {self._lens[seq]}")
+        if idx == list(range(len(idx))):
+            self._crop(seq, start + len(idx))
+            return
+        rows = torch.tensor(idx, device=self.device) + start  # [k]
+        for layer in self._caches[seq].layers:
+            if layer.is_initialized:  # [1, H, L, D] -> [1, H, start + k, D]
+                layer.keys = torch.cat([layer.keys[..., :start, :], layer.keys[:, :, rows]], 2)
+                layer.values = torch.cat(
+                    [layer.values[..., :start, :], layer.values[:, :, rows]], 2
+                )
+        self._lens[seq] = start + len(idx)
+
+    # ---- misc ----------------------------------------------------------------------------
+
+    def _np_dtype(self) -> type:
+        return np.float64 if self.model.dtype == torch.float64 else np.float32
+
+    def _to_numpy(self, logits: torch.Tensor) -> np.ndarray:
+        if logits.dtype != torch.float64:
+            logits = logits.float()
+        return logits.cpu().numpy()
+
+    def close(self) -> None:
+        self._caches.clear()
+        self._lens.clear()
+        self.model = None
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+# ---- loading helpers ---------------------------------------------------------------------
+
+
+def _check_device(device: str) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
+    return dev
+
+
+def gguf_key(path: Path) -> str:
+    """The registry sha256 of a known GGUF, else sha256(first MiB, last MiB, size)."""
+    for name, m in registry.MODELS.items():
+        if registry.is_fetched(name) and registry.gguf_path(name).resolve() == path.resolve():
+            return m.sha256
+    size, mib = path.stat().st_size, 1 << 20
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(mib))
+        f.seek(max(0, size - mib))
+        h.update(f.read(mib))
+    return h.hexdigest()
+
+
+def _tokenizer(source: str, model: Any, fingerprint: str | None = None) -> HFTokenizer:
+    from transformers import AutoTokenizer
+
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    hf_tok = AutoTokenizer.from_pretrained(source)
+    return HFTokenizer(hf_tok, fingerprint=fingerprint, generation_eos=eos)
+
+
+def _load_transformers(
+    source: str, dtype: torch.dtype, fingerprint: str | None = None
+) -> tuple[Any, HFTokenizer]:
+    """Model and tokenizer from a transformers folder or hub id."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    return model, _tokenizer(source, model, fingerprint)
+
+
+def _load_hub(hub_id: str, dtype: torch.dtype) -> tuple[Any, HFTokenizer]:
+    try:
+        return _load_transformers(hub_id, dtype)
+    except Exception as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(
+            f"cannot load {hub_id!r} from the Hugging Face hub ({msg[:120]}); "
+            f"pass a model name, a .gguf path or a local folder instead"
+        ) from None
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, HFTokenizer, str]:
+    """A GGUF model, de-quantized once and then cached as safetensors."""
+    folder = registry.cache_dir() / "converted" / gguf_key(path)
+    meta = folder / META_FILE
+    if meta.exists():
+        fingerprint = json.loads(meta.read_text())["fingerprint"]
+        with _no_progress_bars():
+            return (*_load_transformers(str(folder), dtype, fingerprint=fingerprint), "cache")
+    model = _convert_gguf(path, folder)  # float32
+    fingerprint = json.loads(meta.read_text())["fingerprint"]
+    return model.to(dtype), _tokenizer(str(folder), model, fingerprint), "gguf"
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence transformers' per-load progress bars (kept for the slow GGUF conversion)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _convert_gguf(path: Path, folder: Path) -> Any:
+    """De-quantize a GGUF to a float32 model; save it, its tokenizer and META_FILE in folder."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kw = {"gguf_file": path.name}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), dtype=torch.float32, attn_implementation="sdpa", **kw
+        )
+        hf_tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
+    except Exception as e:
+        raise ModelError(f"cannot load GGUF {path} with transformers: {e}") from None
+    _drop_gguf_quantizer(model)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        hf_tok.save_pretrained(tmp)
+        meta = {"fingerprint": gguf_fingerprint(path), "gguf": path.name, "format": 1}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if not (folder / META_FILE).exists():  # else another process finished first
+            shutil.rmtree(folder, ignore_errors=True)  # an incomplete earlier conversion
+            os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return model
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """transformers keeps its GGUF quantizer on a fully de-quantized model, and then refuses to
+    save it; drop the quantizer once every weight is a plain float tensor."""
+    if any(not p.dtype.is_floating_point for p in model.parameters()) or any(
+        type(m).__name__.startswith("Gguf") for m in model.modules()
+    ):
+        raise ModelError("transformers kept GGUF weights packed; cannot convert them to float")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)

@@ -1,0 +1,180 @@
+"""The command line: bad input gives one clear line and a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str, env_cache: Path | None = None) -> subprocess.CompletedProcess:
+    env = None
+    if env_cache is not None:
+        import os
+
+        env = {**os.environ, "SPECSPLIT_CACHE": str(env_cache)}
+    return subprocess.run(
+        [sys.executable, "-m", "specsplit.faces.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+
+
+def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_models_list_names_the_defaults():
+    r = run("models", "list")
+    assert r.returncode == 0
+    for name in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "smollm2-135m"):
+        assert name in r.stdout
+
+
+def test_unknown_model_name():
+    assert_one_line_error(
+        run("generate", "hi", "--target", "no-such-model", "--draft", "none"), "unknown model"
+    )
+
+
+def test_fetch_unknown_model():
+    assert_one_line_error(run("models", "fetch", "no-such-model"), "unknown model")
+
+
+def test_missing_model_file():
+    r = run(
+        "generate",
+        "hi",
+        "--target",
+        "/nonexistent/model.gguf",
+        "--draft",
+        "none",
+        "--target-backend",
+        "llama.cpp",
+    )
+    assert_one_line_error(r, "not found")
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--temperature", "-1"], "temperature"),
+        (["--top-p", "0"], "top_p"),
+        (["--min-p", "1.5"], "min_p"),
+        (["--top-k", "-2"], "top_k"),
+        (["--k", "abc"], "--k"),
+        (["--k", "100"], "--k"),
+        (["--max-new-tokens", "0"], "max-new-tokens"),
+        (["--device", "tpu"], "device"),
+    ],
+)
+def test_invalid_settings(flags, needle):
+    r = run(
+        "generate",
+        "hi",
+        "--target",
+        "smollm2-135m",
+        "--target-backend",
+        "llama.cpp",
+        "--draft",
+        "none",
+        *flags,
+    )
+    assert_one_line_error(r, needle)
+
+
+@pytest.mark.integration
+def test_prompt_longer_than_context():
+    r = run(
+        "generate",
+        "word " * 200,
+        "--target",
+        "smollm2-135m",
+        "--target-backend",
+        "llama.cpp",
+        "--draft",
+        "none",
+        "--n-ctx",
+        "64",
+    )
+    assert_one_line_error(r, "context")
+
+
+@pytest.mark.integration
+def test_vocabularies_that_do_not_match():
+    r = run(
+        "generate",
+        "hi",
+        "--target",
+        "smollm2-135m",
+        "--target-backend",
+        "llama.cpp",
+        "--draft",
+        "qwen2.5-coder-0.5b",
+        "--draft-backend",
+        "llama.cpp",
+    )
+    assert_one_line_error(r, "vocabularies do not match")
+
+
+@pytest.mark.integration
+def test_wrong_sha256(tmp_path, monkeypatch):
+    from specsplit import registry
+    from specsplit.errors import ModelError
+
+    good = registry.MODELS["smollm2-135m"]
+    bad = registry.ModelSpec(**{**good.__dict__, "sha256": "0" * 64})
+    monkeypatch.setitem(registry.MODELS, "smollm2-135m", bad)
+    monkeypatch.setenv("SPECSPLIT_CACHE", str(tmp_path))
+    with pytest.raises(ModelError, match="sha256"):
+        registry.fetch("smollm2-135m", log=lambda s: None)
+    assert not registry.gguf_path("smollm2-135m").exists()
+
+
+@pytest.mark.integration
+def test_generate_json_last_line_has_statistics():
+    r = run(
+        "generate",
+        "Write a haiku about the sea.",
+        "--target",
+        "smollm2-135m",
+        "--target-backend",
+        "llama.cpp",
+        "--draft",
+        "ngram",
+        "--max-new-tokens",
+        "24",
+        "--k",
+        "3",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr
+    rec = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in (
+        "text",
+        "token_ids",
+        "new_tokens",
+        "tokens_per_s",
+        "acceptance_rate",
+        "mean_accepted_length",
+        "per_position_acceptance",
+        "target_passes",
+        "draft_lengths",
+        "finish_reason",
+    ):
+        assert key in rec
+    assert rec["new_tokens"] >= len(rec["token_ids"]) >= 1
+    assert rec["text"] and rec["text"] in r.stderr  # streamed to the terminal too

@@ -1,0 +1,316 @@
+"""The torch backend against plain transformers forwards, on tiny random float64 models."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from specsplit import registry
+from specsplit.backends.byte_tokenizer import ByteTokenizer
+from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint, vocab_fingerprint
+from specsplit.backends.torch_backend import TorchBackend, attention_mask, tree_layout
+from specsplit.errors import ConfigError, ModelError
+
+V = 300
+TOL = 1e-10
+
+
+def tiny_model(seed: int = 0, attn: str = "sdpa", dtype=torch.float64) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        attn_implementation=attn,
+    )
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+
+@pytest.fixture(scope="module")
+def backend() -> TorchBackend:
+    return TorchBackend(tiny_model(), ByteTokenizer(V))
+
+
+def tokens(n: int, seed: int = 1) -> list[int]:
+    return np.random.default_rng(seed).integers(0, V, n).tolist()
+
+
+def chain(b: TorchBackend, toks: list[int]) -> np.ndarray:
+    """Logits [n, V] of a fresh sequence fed toks in one call."""
+    seq = b.new_sequence()
+    out = b.forward(seq, toks)
+    b.free_sequence(seq)
+    return out
+
+
+def no_cache(model: LlamaForCausalLM, toks: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor([toks]), use_cache=False).logits[0].numpy()  # [n, V]
+
+
+def path_to(parents: list[int], i: int) -> list[int]:
+    path = []
+    while i >= 0:
+        path.append(i)
+        i = parents[i]
+    return path[::-1]
+
+
+def test_chain_in_pieces_equals_full_forward(backend: TorchBackend) -> None:
+    toks = tokens(30)
+    seq = backend.new_sequence()
+    pieces = [backend.forward(seq, toks[a:b]) for a, b in [(0, 7), (7, 8), (8, 20), (20, 30)]]
+    assert backend.length(seq) == 30
+    got = np.concatenate(pieces)  # [30, V]
+    assert got.dtype == np.float64 and got.shape == (30, V)
+    np.testing.assert_allclose(got, no_cache(backend.model, toks), rtol=0, atol=TOL)
+
+
+def test_truncate_then_reforward(backend: TorchBackend) -> None:
+    toks, other = tokens(20), tokens(6, seed=2)
+    seq = backend.new_sequence()
+    backend.forward(seq, toks[:12])
+    backend.forward(seq, other)  # rejected continuation
+    backend.truncate(seq, 12)
+    assert backend.length(seq) == 12
+    got = backend.forward(seq, toks[12:])
+    np.testing.assert_allclose(got, chain(backend, toks)[12:], rtol=0, atol=TOL)
+    backend.truncate(seq, 0)
+    np.testing.assert_allclose(backend.forward(seq, toks[:5]), chain(backend, toks[:5]), atol=TOL)
+
+
+def test_prefill_returns_last_row(backend: TorchBackend) -> None:
+    toks = tokens(25)
+    seq = backend.new_sequence()
+    last = backend.prefill(seq, toks, chunk=8)
+    np.testing.assert_allclose(last, no_cache(backend.model, toks)[-1], rtol=0, atol=TOL)
+
+
+TREE_PARENTS = [-1, 0, 0, 1, 1, 2, -1, 6, 3]  # three roots' worth of branching
+
+
+def test_tree_forward_equals_chain_of_each_path(backend: TorchBackend) -> None:
+    prefix, tree = tokens(9), tokens(len(TREE_PARENTS), seed=3)
+    seq = backend.new_sequence()
+    backend.forward(seq, prefix)
+    got = backend.forward(seq, tree, TREE_PARENTS)  # [n, V]
+    assert backend.length(seq) == len(prefix) + len(tree)
+    for i in range(len(tree)):
+        path = [tree[j] for j in path_to(TREE_PARENTS, i)]
+        want = chain(backend, prefix + path)[-1]
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-9, err_msg=f"node {i}")
+
+
+def test_tree_on_empty_cache(backend: TorchBackend) -> None:
+    tree = tokens(len(TREE_PARENTS), seed=4)
+    seq = backend.new_sequence()
+    got = backend.forward(seq, tree, TREE_PARENTS)
+    for i in range(len(tree)):
+        want = chain(backend, [tree[j] for j in path_to(TREE_PARENTS, i)])[-1]
+        np.testing.assert_allclose(got[i], want, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("leaf", [8, 5, 7, 4])  # paths [0,1,3,8], [0,2,5], [6,7], [0,1,4]
+def test_keep_path_then_chain(backend: TorchBackend, leaf: int) -> None:
+    prefix, tree, more = tokens(9), tokens(len(TREE_PARENTS), seed=3), tokens(5, seed=5)
+    path = path_to(TREE_PARENTS, leaf)
+    seq = backend.new_sequence()
+    backend.forward(seq, prefix)
+    backend.forward(seq, tree, TREE_PARENTS)
+    backend.keep(seq, len(prefix), path)
+    assert backend.length(seq) == len(prefix) + len(path)
+    got = backend.forward(seq, more)
+    want = chain(backend, prefix + [tree[j] for j in path] + more)[-len(more) :]
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-9)
+
+
+def test_chain_given_as_parents_equals_plain_chain(backend: TorchBackend) -> None:
+    prefix, toks = tokens(4), tokens(6, seed=6)
+    a, b = backend.new_sequence(), backend.new_sequence()
+    backend.forward(a, prefix)
+    backend.forward(b, prefix)
+    np.testing.assert_allclose(
+        backend.forward(a, toks, list(range(-1, 5))), backend.forward(b, toks), atol=TOL
+    )
+
+
+def test_forward_batch_equals_separate_forwards(backend: TorchBackend) -> None:
+    prefixes = [tokens(3, 7), tokens(11, 8), [], tokens(6, 9)]
+    items = [
+        (tokens(4, 10), None),
+        ([5], None),
+        (tokens(2, 11), None),
+        (tokens(len(TREE_PARENTS), 12), TREE_PARENTS),
+    ]
+    batch_seqs, ref_seqs = [], []
+    for prefix in prefixes:
+        s, r = backend.new_sequence(), backend.new_sequence()
+        if prefix:
+            backend.forward(s, prefix)
+            backend.forward(r, prefix)
+        batch_seqs.append(s)
+        ref_seqs.append(r)
+    got = backend.forward_batch([(s, t, p) for s, (t, p) in zip(batch_seqs, items)])
+    want = [backend.forward(r, t, p) for r, (t, p) in zip(ref_seqs, items)]
+    for g, w in zip(got, want):
+        assert g.shape == w.shape
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-9)
+    # the caches were split back correctly: a second batch (chain only) still agrees
+    got2 = backend.forward_batch([(s, [7, 8]) for s in batch_seqs])
+    for s, r, g in zip(batch_seqs, ref_seqs, got2):
+        assert backend.length(s) == backend.length(r) + 2
+        np.testing.assert_allclose(g, backend.forward(r, [7, 8]), rtol=0, atol=1e-9)
+
+
+def test_attention_mask_layout() -> None:
+    _, anc = tree_layout([-1, 0, -1])
+    mask = attention_mask([2], [anc], torch.float64, torch.device("cpu"))  # [1, 1, 3, 5]
+    allowed = (mask[0, 0] == 0).numpy()
+    assert allowed.tolist() == [
+        [True, True, True, False, False],
+        [True, True, True, True, False],
+        [True, True, False, False, True],
+    ]
+
+
+def test_float32_model_gives_float32_logits_and_eager_is_switched_to_sdpa() -> None:
+    b = TorchBackend(tiny_model(attn="eager", dtype=torch.float32), ByteTokenizer(V))
+    assert b.model.config._attn_implementation == "sdpa"
+    seq = b.new_sequence()
+    out = b.forward(seq, tokens(5))
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out, no_cache(b.model, tokens(5)), atol=1e-5)
+
+
+def test_bad_input_raises(backend: TorchBackend) -> None:
+    seq = backend.new_sequence()
+    with pytest.raises(ConfigError):
+        backend.forward(seq, [V])  # id out of range
+    with pytest.raises(ConfigError):
+        backend.forward(seq, [1, 2], [-1, 1])  # a parent must come before its child
+    with pytest.raises(ConfigError):
+        backend.forward(seq, [1, 2], [-1])
+    with pytest.raises(ConfigError):
+        backend.forward(seq, tokens(backend.n_ctx + 1))
+    assert backend.length(seq) == 0
+    backend.forward(seq, [1, 2, 3])
+    with pytest.raises(ConfigError):
+        backend.truncate(seq, 4)
+    with pytest.raises(ConfigError):
+        backend.keep(seq, 1, [2])
+    with pytest.raises(ConfigError):
+        backend.forward_batch([(seq, [1]), (seq, [2])])
+    backend.free_sequence(seq)
+    with pytest.raises(ConfigError):
+        backend.length(seq)
+
+
+def test_n_ctx_limit() -> None:
+    b = TorchBackend(tiny_model(), ByteTokenizer(V), n_ctx=10)
+    seq = b.new_sequence()
+    b.forward(seq, tokens(8))
+    with pytest.raises(ConfigError, match="n_ctx"):
+        b.forward(seq, tokens(3))
+    assert b.length(seq) == 8
+    b.forward(seq, tokens(2))
+
+
+def test_load_rejects_bad_settings() -> None:
+    with pytest.raises(ModelError, match="unknown model"):
+        TorchBackend.load("no-such-model")
+    with pytest.raises(ConfigError):
+        TorchBackend.load("smollm2-135m", dtype="int3")
+    with pytest.raises(ModelError, match="not found"):
+        TorchBackend.load("/nonexistent/model.gguf")
+
+
+def test_hf_tokenizer_on_a_small_vocabulary() -> None:
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<unk>": 2, "hello": 3, "world": 4}
+    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer, raw.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
+    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", unk_token="<unk>")
+    tok = HFTokenizer(hf)
+    assert tok.vocab_size == 5 and tok.bos_token_id is None
+    assert tok.eos_token_ids == {0, 1}  # eos plus the end-of-turn token in the vocabulary
+    assert tok.encode("hello world") == [3, 4]
+    assert tok.decode([3, 4]) == "hello world"
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}]) is None
+    assert tok.fingerprint() == vocab_fingerprint(list(vocab))
+    assert HFTokenizer(hf, fingerprint="abc").fingerprint() == "abc"
+    assert vocab_fingerprint(["a", "b"]) != vocab_fingerprint(["b", "a"])
+
+
+# ---- integration: SmolLM2-135M from its GGUF ---------------------------------------------
+
+
+@pytest.fixture
+def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cache dir holding only (links to) the fetched SmolLM2 GGUF: no converted weights."""
+    src = registry.fetch("smollm2-135m")
+    monkeypatch.setenv("SPECSPLIT_CACHE", str(tmp_path))
+    dest = registry.gguf_path("smollm2-135m")
+    dest.parent.mkdir(parents=True)
+    os.symlink(src, dest)
+    os.symlink(src.with_suffix(".gguf.ok"), dest.with_suffix(".gguf.ok"))
+    return src
+
+
+def greedy(b: TorchBackend, prompt_ids: list[int], n: int) -> tuple[list[int], np.ndarray]:
+    seq = b.new_sequence()
+    first = b.forward(seq, prompt_ids)  # [len, V]
+    logits, out = first[-1], []
+    for _ in range(n):
+        nxt = int(np.argmax(logits))
+        if nxt in b.tokenizer.eos_token_ids:
+            break
+        out.append(nxt)
+        logits = b.forward(seq, [nxt])[0]
+    return out, first
+
+
+@pytest.mark.integration
+def test_smollm2_from_gguf(fresh_cache: Path) -> None:
+    t0 = time.perf_counter()
+    first = TorchBackend.load("smollm2-135m", threads=2)
+    t1 = time.perf_counter()
+    second = TorchBackend.load("smollm2-135m", threads=2)
+    t2 = time.perf_counter()
+    assert (first.origin, second.origin) == ("gguf", "cache")
+    assert t2 - t1 < (t1 - t0) / 2, f"cached load {t2 - t1:.1f}s vs first {t1 - t0:.1f}s"
+    converted = list((registry.cache_dir() / "converted").glob("*/model.safetensors"))
+    assert len(converted) == 1
+
+    tok = second.tokenizer
+    assert tok.fingerprint() == first.tokenizer.fingerprint() == gguf_fingerprint(fresh_cache)
+    assert tok.encode("<|im_end|>", add_special=False)[0] in tok.eos_token_ids
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}]
+    )
+    assert prompt is not None and "France" in prompt
+    ids = tok.encode(prompt, add_special=False)
+
+    out1, logits1 = greedy(first, ids, 10)
+    out2, logits2 = greedy(second, ids, 10)
+    np.testing.assert_allclose(logits1, logits2, rtol=0, atol=1e-5)
+    assert out1 == out2 and len(out2) > 0
+    text = tok.decode(out2)
+    assert re.search(r"[A-Za-z]{3}", text), text
+    assert "Paris" in text, text
+
+    for s in ["Hello, world!", "def f(x):\n    return x * 2", "naïve café – ünïcödé 日本語"]:
+        assert tok.decode(tok.encode(s, add_special=False)) == s
