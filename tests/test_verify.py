@@ -4,9 +4,9 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from conftest import ToyLM
 from scipy.stats import chisquare
 
+from conftest import ToyLM
 from specsplit.sampling import SamplingParams, logits_to_probs, sample
 from specsplit.verify import (
     TokenTree,
