@@ -2,53 +2,24 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from specsplit.backends.base import Tokenizer
-from specsplit.errors import ModelError
-
-# Tokens that end a turn in common chat formats; like llama.cpp's end-of-generation set,
-# they stop generation whenever the vocabulary has them.
-END_OF_TURN_TOKENS = (
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
+from specsplit.backends.vocab import (  # noqa: F401  (re-exported)
+    END_OF_TURN_TOKENS,
+    gguf_tokens,
+    open_gguf,
+    reader_tokens,
+    vocab_fingerprint,
 )
-
-
-def vocab_fingerprint(tokens: Sequence[str]) -> str:
-    """sha256 hex digest of the token strings in id order joined by newlines."""
-    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
-
-
-def open_gguf(path: str | Path) -> Any:
-    """A gguf.GGUFReader over the file, or a one-line ModelError."""
-    from gguf import GGUFReader
-
-    try:
-        return GGUFReader(str(path))
-    except Exception as e:
-        raise ModelError(f"{path}: not a readable GGUF file ({e})") from None
-
-
-def _tokens(reader: Any, path: str | Path) -> list[str]:
-    """``tokenizer.ggml.tokens`` of an open GGUF file, in id order."""
-    field = reader.fields.get("tokenizer.ggml.tokens")
-    if field is None:
-        raise ModelError(f"{path}: GGUF file has no tokenizer.ggml.tokens")
-    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
+from specsplit.errors import ModelError
 
 
 def gguf_vocab_tokens(path: str | Path) -> list[str]:
     """The vocabulary of a GGUF file (``tokenizer.ggml.tokens``), in id order."""
-    return _tokens(open_gguf(path), path)
+    return gguf_tokens(path)
 
 
 class GGUFTokenizer(Tokenizer):
@@ -58,7 +29,7 @@ class GGUFTokenizer(Tokenizer):
         """``reader``: the file already open as a gguf.GGUFReader (saves parsing it twice)."""
         path = Path(path)
         reader = reader if reader is not None else open_gguf(path)
-        tokens = _tokens(reader, path)
+        tokens = reader_tokens(reader, path)
         self.path = path
         self.hf = _hf_tokenizer(path)
         self.vocab_size = len(tokens)

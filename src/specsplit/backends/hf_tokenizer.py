@@ -2,48 +2,16 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 from specsplit.backends.base import Tokenizer
-from specsplit.errors import ModelError
-
-# Tokens that end a turn in common chat formats; like llama.cpp's end-of-generation set,
-# they stop generation whenever the vocabulary has them.
-END_OF_TURN_TOKENS = (
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|end_of_text|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
+from specsplit.backends.vocab import (  # noqa: F401  (re-exported)
+    END_OF_TURN_TOKENS,
+    gguf_fingerprint,
+    gguf_tokens,
+    vocab_fingerprint,
 )
-
-
-def vocab_fingerprint(tokens: Sequence[str]) -> str:
-    """sha256 of the token strings in id order joined by newlines (same for every backend)."""
-    return hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
-
-
-def gguf_tokens(path: str | Path) -> list[str]:
-    """The vocabulary of a GGUF file (``tokenizer.ggml.tokens``), in id order."""
-    from gguf import GGUFReader
-
-    try:
-        field = GGUFReader(str(path)).fields["tokenizer.ggml.tokens"]
-    except KeyError:
-        raise ModelError(f"{path}: GGUF file has no tokenizer.ggml.tokens") from None
-    except Exception as e:
-        raise ModelError(f"{path}: not a readable GGUF file ({e})") from None
-    return [bytes(field.parts[i]).decode("utf-8", errors="replace") for i in field.data]
-
-
-def gguf_fingerprint(path: str | Path) -> str:
-    """The vocabulary fingerprint of a GGUF file's tokenizer."""
-    return vocab_fingerprint(gguf_tokens(path))
 
 
 def _as_ids(value: int | Iterable[int] | None) -> set[int]:
