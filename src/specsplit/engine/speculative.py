@@ -70,7 +70,7 @@ class SpeculativeEngine:
         target: Backend,
         proposers: Sequence[Proposer] = (),
         k: int | None = None,
-        k_max: int = 12,
+        k_max: int = 16,
         policy: DraftLengthPolicy | None = None,
     ) -> None:
         if len(proposers) > 1 and not target.supports_tree:

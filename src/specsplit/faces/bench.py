@@ -130,6 +130,10 @@ def build_systems(ns, target) -> list[System]:
     systems = [System("target", SpeculativeEngine(target))]
     k = _parse_k(ns.k)
     systems.append(System(f"spec[{label},k={ns.k}]", SpeculativeEngine(target, proposers, k=k)))
+    if ns.also_draft_backend:
+        other = make_proposer(drafts[0], target, ns.also_draft_backend, threads=ns.draft_threads)
+        name = f"spec[{drafts[0]}@{ns.also_draft_backend},k={ns.k}]"
+        systems.append(System(name, SpeculativeEngine(target, [other], k=k)))
     for kk in [int(x) for x in ns.k_sweep.split(",") if x.strip()]:
         systems.append(System(f"spec[{label},k={kk}]", SpeculativeEngine(target, proposers, k=kk)))
     hf = [h for h in ns.hf.split(",") if h]
