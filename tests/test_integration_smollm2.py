@@ -20,9 +20,12 @@ from specsplit.proposers.ngram import NGramProposer
 
 pytestmark = pytest.mark.integration
 
-# Largest |batched - single-token| logit difference measured on SmolLM2-135M, times a margin
-# of about 2 (see tests/test_integration_smollm2.py::test_measure_batched_vs_single).
-TOLERANCE = {"torch": 2e-4, "llama.cpp": 0.3}
+# Largest |batched - single-token| logit difference measured on SmolLM2-135M, with a margin.
+# torch float32: about 1e-4 (test_measure_batched_vs_single). llama.cpp: 0.0 for short
+# batches, but up to 1.30 past ~256 cached positions or with 64+ tokens in a batch, 1.37 for
+# tokens decoded after a tree keep() (freed KV cells are reused, so attention sums in another
+# order), 1.40 with flash attention off (tests/test_llamacpp_backend.py measures these).
+TOLERANCE = {"torch": 2e-4, "llama.cpp": 2.0}
 
 PROMPTS = [
     "Write a Python function that returns the n-th Fibonacci number.",

@@ -109,6 +109,12 @@ def add_bench_parser(sub) -> None:
     b.add_argument("--target-threads", type=int, default=None)
     b.add_argument("--draft-threads", type=int, default=None)
     b.add_argument("--k", default="auto", help="K of the spec system: a number or auto")
+    b.add_argument(
+        "--also-draft-backend",
+        default=None,
+        choices=["torch", "llama.cpp", "numpy"],
+        help="add a spec system with the first draft model on this backend too",
+    )
     b.add_argument("--k-sweep", default="", help="also fixed-K systems, e.g. 0,2,4,8")
     b.add_argument(
         "--hf", default="", help="HF systems: assisted, assisted-torch-draft, prompt-lookup"
