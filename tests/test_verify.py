@@ -167,9 +167,7 @@ def test_single_chain_is_lossless(params):
 def test_two_drafters_are_lossless(params):
     target, d1, d2 = ToyLM(V, 1), ToyLM(V, 2), ToyLM(V, 5, sharpness=1.0)
     rng = np.random.default_rng(4)
-    counts = Counter(
-        _speculate(target, [d1, d2], params, params, 2, rng) for _ in range(N_SAMPLES)
-    )
+    counts = Counter(_speculate(target, [d1, d2], params, params, 2, rng) for _ in range(N_SAMPLES))
     _check(counts, _target_joint(target, params))
 
 
