@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from specsplit.errors import ConfigError
+from specsplit.backends.tree import tree_layout  # noqa: F401  (re-exported)
 
 ARCHITECTURES = ("llama", "qwen2")
 
@@ -98,20 +98,6 @@ class KVCache:
         self.k[:, :, start:end] = self.k[:, :, rows]  # fancy indexing copies before writing
         self.v[:, :, start:end] = self.v[:, :, rows]
         self.length = end
-
-
-def tree_layout(parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Depths [n] and the ancestor-or-self matrix [n, n] (row i: the new tokens i sees)."""
-    n = len(parents)
-    depth = np.zeros(n, dtype=np.int64)  # [n]
-    anc = np.eye(n, dtype=bool)  # [n, n]
-    for i, p in enumerate(parents):
-        if not -1 <= p < i:
-            raise ConfigError(f"parents[{i}] = {p}: a parent must be -1 or an earlier index")
-        if p >= 0:
-            depth[i] = depth[p] + 1
-            anc[i] |= anc[p]
-    return depth, anc
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

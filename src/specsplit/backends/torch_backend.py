@@ -25,6 +25,7 @@ import torch
 from specsplit import registry
 from specsplit.backends.base import Backend, Tokenizer
 from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint
+from specsplit.backends.tree import tree_layout
 from specsplit.errors import ConfigError, ModelError
 
 DTYPES = {
@@ -34,20 +35,6 @@ DTYPES = {
     "float64": torch.float64,
 }
 META_FILE = "specsplit.json"  # written last into a converted-model folder
-
-
-def tree_layout(parents: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Depths [n] and the ancestor-or-self matrix [n, n] (row i: what token i attends to)."""
-    n = len(parents)
-    depth = np.zeros(n, dtype=np.int64)
-    anc = np.eye(n, dtype=bool)
-    for i, p in enumerate(parents):
-        if not -1 <= p < i:
-            raise ConfigError(f"parents[{i}] = {p}: a parent must be -1 or an earlier index")
-        if p >= 0:
-            depth[i] = depth[p] + 1
-            anc[i] |= anc[p]
-    return depth, anc
 
 
 def attention_mask(
