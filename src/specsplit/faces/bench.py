@@ -42,7 +42,7 @@ def run_one(system: System, target, ids: list[int], max_new: int) -> dict:
         }
     from specsplit.faces.hf_baselines import hf_generate
 
-    new, dt = hf_generate(
+    new, dt, hit_eos = hf_generate(
         getattr(target, "model", None),
         ids,
         max_new,
@@ -50,7 +50,8 @@ def run_one(system: System, target, ids: list[int], max_new: int) -> dict:
         assistant=system.hf.get("assistant"),
         prompt_lookup=system.hf.get("prompt_lookup", 0),
     )
-    return {"token_ids": new, "new_tokens": len(new), "tokens_per_s": len(new) / dt, "total_s": dt}
+    n = len(new) + hit_eos  # count EOS as generated, as the engine's statistics do
+    return {"token_ids": new, "new_tokens": n, "tokens_per_s": n / dt, "total_s": dt}
 
 
 def summarise(records: list[dict], systems: list[str], baseline: str) -> dict:

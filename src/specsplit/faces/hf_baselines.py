@@ -19,8 +19,8 @@ def hf_generate(
     eos_ids: Sequence[int],
     assistant=None,
     prompt_lookup: int = 0,
-) -> tuple[list[int], float]:
-    """Greedy HF generate; returns (new ids without EOS, seconds)."""
+) -> tuple[list[int], float, bool]:
+    """Greedy HF generate; returns (new ids without EOS, seconds, whether it ended at EOS)."""
     import torch
 
     if model is None:
@@ -44,5 +44,5 @@ def hf_generate(
     new = out[0, len(ids) :].tolist()
     for i, t in enumerate(new):
         if t in set(eos_ids):
-            return new[:i], dt
-    return new, dt
+            return new[:i], dt, True
+    return new, dt, False
