@@ -67,9 +67,16 @@ def test_adaptive_k_long_when_verification_is_memory_bound():
 
 
 def test_adaptive_k_probes_after_long_run_of_zero():
-    p = _policy({1: 0.03, 5: 0.2}, 0.05, 0.5)
+    # cheap verification, but the drafter has been failing: K = 0, with a probe now and then
+    p = _policy({1: 0.1, 5: 0.12}, 0.01, 0.05)
     p.probe_every = 4
     assert [p.choose(10) for _ in range(4)] == [0, 0, 0, 2]
+
+
+def test_adaptive_k_does_not_probe_when_even_full_acceptance_cannot_pay():
+    p = _policy({1: 0.03, 5: 0.2}, 0.05, 0.5)
+    p.probe_every = 2
+    assert [p.choose(10) for _ in range(6)] == [0] * 6
 
 
 def test_text_stream_holds_back_partial_utf8():

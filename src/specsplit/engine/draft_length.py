@@ -20,8 +20,11 @@ class DraftLengthPolicy(ABC):
     def choose(self, limit: int) -> int:
         """K for the next round, at most limit."""
 
-    def update(self, k: int, n_accepted: int, t_draft: float, t_verify: float, n: int) -> None:
-        """Learn from a round: k drafted, n_accepted passed; n tokens verified in t_verify s."""
+    def update(
+        self, k: int, n_accepted: int, t_verify: float, n: int, draft_per_token: float
+    ) -> None:
+        """Learn from a round: k drafted, n_accepted passed, n tokens verified in t_verify
+        seconds; drafting costs draft_per_token seconds per token as the drafters measure it."""
         return None
 
 
@@ -36,31 +39,41 @@ class FixedK(DraftLengthPolicy):
 
 
 class CostTable:
-    """Seconds per target pass over n tokens: moving averages of measurements, interpolated."""
+    """Seconds per target pass over n tokens: a measured shape c(n) times one live scale.
 
-    def __init__(self, decay: float = 0.7) -> None:
+    The first measurement of each n fixes the shape (warm-up calibrates it); later ones move
+    a scale shared by every n, so noise or a growing context shifts all costs together and
+    the comparison between draft lengths stays sound.
+    """
+
+    def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay
-        self.t: dict[int, float] = {}
+        self.shape: dict[int, float] = {}  # n -> seconds at scale 1
+        self.scale = 1.0
 
     def add(self, n: int, seconds: float) -> None:
-        old = self.t.get(n)
-        self.t[n] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        if n not in self.shape:
+            self.shape[n] = seconds / self.scale
+        else:
+            ratio = seconds / self.shape[n]
+            self.scale = self.decay * self.scale + (1 - self.decay) * ratio
 
-    def __call__(self, n: int) -> float:
-        if n in self.t:
-            return self.t[n]
-        xs = sorted(self.t)
+    def _shape(self, n: int) -> float:
+        xs = sorted(self.shape)
         if not xs:
             return float(n)  # nothing measured: proportional to n
         if len(xs) == 1:
-            return self.t[xs[0]] * max(n, 1) / max(xs[0], 1)
-        if n < xs[0]:
-            return self.t[xs[0]]
-        if n > xs[-1]:  # extrapolate with the slope of the last two points
+            return self.shape[xs[0]] * max(n, 1) / max(xs[0], 1)
+        if n <= xs[0]:
+            return self.shape[xs[0]]
+        if n >= xs[-1]:  # extrapolate with the slope of the last two points
             a, b = xs[-2], xs[-1]
-            slope = max((self.t[b] - self.t[a]) / (b - a), 0.0)
-            return self.t[b] + slope * (n - b)
-        return float(np.interp(n, xs, [self.t[x] for x in xs]))
+            slope = max((self.shape[b] - self.shape[a]) / (b - a), 0.0)
+            return self.shape[b] + slope * (n - b)
+        return float(np.interp(n, xs, [self.shape[x] for x in xs]))
+
+    def __call__(self, n: int) -> float:
+        return self.scale * self._shape(n)
 
 
 class AdaptiveK(DraftLengthPolicy):
@@ -74,6 +87,7 @@ class AdaptiveK(DraftLengthPolicy):
         decay: float = 0.98,
         probe_every: int = 16,
         learn_costs: bool = True,
+        probe_margin: float = 1.25,
     ) -> None:
         self.k_max = k_max
         self.verify = CostTable()
@@ -84,6 +98,7 @@ class AdaptiveK(DraftLengthPolicy):
         self.acc = np.zeros(k_max)  # [k_max] decayed accepted counts at position i
         self.prop = np.zeros(k_max)  # [k_max] decayed proposed counts at position i
         self._since_probe = 0
+        self.probe_margin = probe_margin
         self.learn_costs = learn_costs  # False: keep the costs set by hand (tests, replays)
         self.chosen: list[int] = []
 
@@ -102,10 +117,16 @@ class AdaptiveK(DraftLengthPolicy):
         cost = self.draft_per_token * k + self.verify(k + 1)
         return self.expected_tokens(k) / max(cost, 1e-9)
 
+    def _could_pay(self, ks: range) -> bool:
+        """Would some K > 0 clearly beat K = 0 if every draft token were accepted? If not,
+        probing cannot pay for itself (a drafter must also catch up on the text it skipped)."""
+        best = max((k + 1) / (self.draft_per_token * k + self.verify(k + 1)) for k in ks)
+        return best > self.probe_margin * self.rate(0)
+
     def choose(self, limit: int) -> int:
         ks = range(0, max(0, min(self.k_max, limit)) + 1)
         k = max(ks, key=self.rate)
-        if k == 0 and limit >= 2:
+        if k == 0 and limit >= 2 and self._could_pay(ks):
             self._since_probe += 1
             if self._since_probe >= self.probe_every:  # keep the estimates alive
                 self._since_probe = 0
@@ -113,12 +134,13 @@ class AdaptiveK(DraftLengthPolicy):
         self.chosen.append(k)
         return k
 
-    def update(self, k: int, n_accepted: int, t_draft: float, t_verify: float, n: int) -> None:
+    def update(
+        self, k: int, n_accepted: int, t_verify: float, n: int, draft_per_token: float
+    ) -> None:
         if self.learn_costs:
             self.verify.add(n, t_verify)
-            if k > 0:
-                old, per = self.draft_per_token, t_draft / k
-                self.draft_per_token = per if old == 0 else 0.8 * old + 0.2 * per
+            if draft_per_token > 0:
+                self.draft_per_token = draft_per_token
         if k > 0:
             self.acc *= self.decay
             self.prop *= self.decay

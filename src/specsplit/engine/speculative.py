@@ -92,17 +92,21 @@ class SpeculativeEngine:
         try:
             self.target.prefill(seq, ids)
             base = self.target.length(seq)
-            for n in (1, 2, 3, 5, 9, 13):
-                t0 = time.perf_counter()
-                self.target.forward(seq, (ids * n)[:n])
-                dt = time.perf_counter() - t0
+            for n in (1, 2, 3, 5, 9, 13, 17):
+                times = []
+                for _ in range(3):  # median of three: the first pass of a shape allocates
+                    t0 = time.perf_counter()
+                    self.target.forward(seq, (ids * n)[:n])
+                    times.append(time.perf_counter() - t0)
+                    self.target.truncate(seq, base)
                 if isinstance(self.policy, AdaptiveK):
-                    self.policy.verify.add(n, dt)
-                self.target.truncate(seq, base)
+                    self.policy.verify.shape[n] = sorted(times)[1]
         finally:
             self.target.free_sequence(seq)
         for p in self.proposers:
             p.warm_up(ids)
+        if isinstance(self.policy, AdaptiveK):
+            self.policy.draft_per_token = sum(p.cost_per_token for p in self.proposers)
 
     # ---- one round ----
 
@@ -184,9 +188,9 @@ class SpeculativeEngine:
                 self.policy.update(
                     k_used,
                     verdict.n_accepted,
-                    t1 - t0,
                     t2 - t1,
                     1 + sum(len(d.tokens) for d in drafts),
+                    sum(p.cost_per_token for p in self.proposers),
                 )
                 stats.t_draft += t1 - t0
                 stats.t_verify += t2 - t1

@@ -23,7 +23,7 @@ class Proposer(ABC):
     """Proposes draft tokens for the text so far (prompt + accepted tokens)."""
 
     name: str
-    cost_per_token: float = 0.0  # seconds per draft token, measured (for choosing K)
+    cost_per_token: float = 0.0  # seconds per one-token draft pass, measured (for choosing K)
 
     @abstractmethod
     def propose(

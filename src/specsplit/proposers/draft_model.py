@@ -47,8 +47,8 @@ class DraftModelProposer(Proposer):
     ) -> Draft:
         if k <= 0:
             return Draft([])
+        logits = self._sync(context)  # catch-up: not part of the per-token cost
         t0 = time.perf_counter()
-        logits = self._sync(context)
         tokens: list[int] = []
         q_rows: list[np.ndarray] = []
         for i in range(k):
@@ -61,12 +61,16 @@ class DraftModelProposer(Proposer):
             if i + 1 < k:
                 logits = self.backend.forward(self._seq, tokens[-1:])[-1]
                 self._fed.append(tokens[-1])
-        self.cost_per_token = (time.perf_counter() - t0) / k
+        if k > 1:  # k - 1 one-token passes; the first token came with the catch-up pass
+            per = (time.perf_counter() - t0) / (k - 1)
+            old = self.cost_per_token
+            self.cost_per_token = per if old == 0 else 0.7 * old + 0.3 * per
         return Draft(tokens, None if params.greedy else np.stack(q_rows))
 
     def warm_up(self, context: Sequence[int]) -> None:
-        self.propose(context, 4, SamplingParams(), np.random.default_rng(0))
-        self.reset()
+        for _ in range(2):  # the first pass allocates; the second measures
+            self.propose(context, 4, SamplingParams(), np.random.default_rng(0))
+            self.reset()
 
     def reset(self) -> None:
         self.backend.truncate(self._seq, 0)
