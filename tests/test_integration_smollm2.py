@@ -98,9 +98,10 @@ def test_greedy_speculation_matches_target(kind, drafter, k, request, layer_skip
         _assert_equal_or_near_tie(target, prompt, ref, res.token_ids, TOLERANCE[kind])
         rounds += sum(1 for x in res.stats.draft_lengths if x > 0)
         rejected += res.stats.rejected_rounds
+    if k is not None:  # with K auto the policy may rightly choose K = 0 (a slow drafter)
+        assert rounds > 0
     if drafter == "layer-skip" and k == 4:
         assert rejected >= 0.2 * rounds, f"only {rejected}/{rounds} rounds had a rejection"
-    assert rounds > 0
 
 
 def test_measure_batched_vs_single(torch_target, llama_target):
