@@ -125,10 +125,10 @@ def add_bench_parser(sub) -> None:
 
 
 def build_systems(ns, target) -> list[System]:
-    from specsplit.faces.api import make_proposer
+    from specsplit.faces.api import DEFAULT_DRAFT, make_proposer
     from specsplit.faces.cli import _parse_k
 
-    drafts = ns.draft or ["qwen2.5-coder-0.5b"]
+    drafts = ns.draft or [DEFAULT_DRAFT]
     proposers = [
         make_proposer(d, target, ns.draft_backend, threads=ns.draft_threads) for d in drafts
     ]

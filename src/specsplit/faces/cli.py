@@ -35,7 +35,7 @@ def _summary(stats) -> str:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from specsplit.faces.api import SpeculativeDecoder
+    from specsplit.faces.api import DEFAULT_DRAFT, SpeculativeDecoder
 
     s: GenerateSettings = from_namespace(ns)
     k = _parse_k(s.k)
@@ -46,7 +46,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--n-ctx must be >= 16, got {s.n_ctx}")
     decoder = SpeculativeDecoder(
         s.target,
-        s.draft or ["qwen2.5-coder-0.5b"],
+        s.draft or [DEFAULT_DRAFT],
         target_backend=s.target_backend,
         draft_backend=s.draft_backend,
         device=s.device,

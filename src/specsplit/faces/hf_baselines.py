@@ -42,7 +42,8 @@ def hf_generate(
         out = model.generate(x, **kw)
     dt = time.perf_counter() - t0
     new = out[0, len(ids) :].tolist()
+    eos = set(eos_ids)
     for i, t in enumerate(new):
-        if t in set(eos_ids):
+        if t in eos:
             return new[:i], dt, True
     return new, dt, False
