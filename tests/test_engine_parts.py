@@ -7,7 +7,7 @@ import pytest
 
 from specsplit.backends.byte_tokenizer import ByteTokenizer
 from specsplit.engine.draft_length import AdaptiveK, CostTable, FixedK
-from specsplit.engine.speculative import SpeculativeEngine
+from specsplit.engine.speculative import DecodeLoop
 from specsplit.engine.stopping import TextStream
 from specsplit.proposers.ngram import NGramProposer
 from specsplit.sampling import GREEDY
@@ -100,6 +100,6 @@ def test_text_stream_holds_back_possible_stop_string_and_cuts_at_it():
 
 
 def test_cut_at_eos_and_budget():
-    assert SpeculativeEngine._cut([5, 6, 9, 7], 10, frozenset({9})) == ([5, 6], "eos")
-    assert SpeculativeEngine._cut([5, 6, 9, 7], 2, frozenset({9})) == ([5, 6], "length")
-    assert SpeculativeEngine._cut([5, 6], 3, frozenset({9})) == ([5, 6], None)
+    assert DecodeLoop._cut([5, 6, 9, 7], 10, frozenset({9})) == ([5, 6], "eos")
+    assert DecodeLoop._cut([5, 6, 9, 7], 2, frozenset({9})) == ([5, 6], "length")
+    assert DecodeLoop._cut([5, 6], 3, frozenset({9})) == ([5, 6], None)

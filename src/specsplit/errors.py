@@ -11,3 +11,15 @@ class ConfigError(SpecsplitError, ValueError):
 
 class ModelError(SpecsplitError):
     """A model cannot be found, fetched, verified or paired with another."""
+
+
+class StaleDraft(SpecsplitError):
+    """A draft built on a session version that is not the session's current one."""
+
+
+class Overloaded(SpecsplitError):
+    """A limit was reached: sessions, KV memory, rate; retry later or elsewhere."""
+
+
+class SessionGone(SpecsplitError):
+    """The session ended (closed, idle too long, evicted, or its verifier went away)."""

@@ -195,3 +195,17 @@ def resolve_gguf(name_or_path: str) -> Path:
         return p
     spec(name_or_path)  # raises the unknown-name error
     raise AssertionError("unreachable")
+
+
+def gguf_key(path: Path) -> str:
+    """The registry sha256 of a known GGUF, else sha256(first MiB, last MiB, size)."""
+    for name, m in MODELS.items():
+        if is_fetched(name) and gguf_path(name).resolve() == path.resolve():
+            return m.sha256
+    size, mib = path.stat().st_size, 1 << 20
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(mib))
+        f.seek(max(0, size - mib))
+        h.update(f.read(mib))
+    return h.hexdigest()

@@ -100,6 +100,10 @@ class Backend(ABC):
         """Forward several sequences' new tokens; default: one after another."""
         return [self.forward(seq, toks) for seq, toks in items]
 
+    def kv_bytes_per_token(self) -> int:
+        """Bytes of KV cache one token of one sequence holds (0: unknown)."""
+        return 0
+
     def identity(self) -> str:
         """A hash naming the weights and the tokenizer (for handshakes and result files)."""
         return self.tokenizer.fingerprint()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -521,6 +522,16 @@ class LlamaCppBackend(Backend):
         self._free_temps.extend(temps)
 
     # ---- misc ----------------------------------------------------------------------------
+
+    def identity(self) -> str:
+        """sha256 of the GGUF file's key and the tokenizer's fingerprint."""
+        key = registry.gguf_key(self._model.path) + self.tokenizer.fingerprint()
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    def kv_bytes_per_token(self) -> int:
+        m = self._model.ptr
+        head_dim = _lib.llama_model_n_embd(m) // _lib.llama_model_n_head(m)
+        return 2 * _lib.llama_model_n_layer(m) * _lib.llama_model_n_head_kv(m) * head_dim * 2  # f16
 
     def close(self) -> None:
         """Free the context and the batch; the weights go with the last reference to them."""

@@ -80,6 +80,7 @@ class TorchBackend(Backend):
         self._caches: dict[int, Any] = {}
         self._lens: dict[int, int] = {}
         self._next_seq = 0
+        self._identity: str | None = None
 
     # ---- loading -------------------------------------------------------------------------
 
@@ -291,6 +292,27 @@ class TorchBackend(Backend):
 
     # ---- misc ----------------------------------------------------------------------------
 
+    def identity(self) -> str:
+        """sha256 over the tokenizer's fingerprint and every weight tensor's name, shape,
+        dtype and a strided sample of its values (cheap, and changes with any real edit)."""
+        if self._identity is None:
+            h = hashlib.sha256(self.tokenizer.fingerprint().encode())
+            with torch.inference_mode():
+                for name, t in self.model.state_dict().items():
+                    flat = t.detach().reshape(-1)
+                    sample = flat[:: max(1, flat.numel() // 4096)].float().cpu().numpy()
+                    h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+                    h.update(sample.tobytes())
+            self._identity = h.hexdigest()
+        return self._identity
+
+    def kv_bytes_per_token(self) -> int:
+        c = self.config
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        elem = torch.finfo(self.model.dtype).bits // 8
+        return 2 * c.num_hidden_layers * kv_heads * head_dim * elem  # keys and values
+
     def _np_dtype(self) -> type:
         return np.float64 if self.model.dtype == torch.float64 else np.float32
 
@@ -321,20 +343,6 @@ def _check_device(device: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"unsupported device {device!r}; use cpu, cuda or cuda:N")
     return dev
-
-
-def gguf_key(path: Path) -> str:
-    """The registry sha256 of a known GGUF, else sha256(first MiB, last MiB, size)."""
-    for name, m in registry.MODELS.items():
-        if registry.is_fetched(name) and registry.gguf_path(name).resolve() == path.resolve():
-            return m.sha256
-    size, mib = path.stat().st_size, 1 << 20
-    h = hashlib.sha256(str(size).encode())
-    with open(path, "rb") as f:
-        h.update(f.read(mib))
-        f.seek(max(0, size - mib))
-        h.update(f.read(mib))
-    return h.hexdigest()
 
 
 def _tokenizer(source: str, model: Any, fingerprint: str | None = None) -> HFTokenizer:
@@ -368,7 +376,7 @@ def _load_hub(hub_id: str, dtype: torch.dtype) -> tuple[Any, HFTokenizer]:
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, HFTokenizer, str]:
     """A GGUF model, de-quantized once and then cached as safetensors."""
-    folder = registry.cache_dir() / "converted" / gguf_key(path)
+    folder = registry.cache_dir() / "converted" / registry.gguf_key(path)
     meta = folder / META_FILE
     if meta.exists():
         fingerprint = json.loads(meta.read_text())["fingerprint"]

@@ -1,6 +1,8 @@
 """Choosing the draft length K per round from measured costs and acceptance (DESIGN.md).
 
-Maximise expected tokens per second: E[tokens | K] / (t_draft(K) + t_verify(K + 1)), where
+Maximise expected tokens per second: E[tokens | K] / (t_draft(K) + t_round + t_verify(K + 1)),
+where t_round is the fixed cost of a round outside the target pass (network round trip and
+queue wait; 0 on one machine), and
 E[tokens | K] = 1 + sum_{i=1..K} prod_{j<=i} alpha_j with alpha_j the measured per-position
 acceptance, t_verify(n) the measured cost of a target pass over n tokens and t_draft(K) the
 measured cost of drafting K tokens. K = 0 (plain decoding) wins where speculation does not pay.
@@ -21,10 +23,17 @@ class DraftLengthPolicy(ABC):
         """K for the next round, at most limit."""
 
     def update(
-        self, k: int, n_accepted: int, t_verify: float, n: int, draft_per_token: float
+        self,
+        k: int,
+        n_accepted: int,
+        t_verify: float,
+        n: int,
+        draft_per_token: float,
+        t_round: float = 0.0,
     ) -> None:
         """Learn from a round: k drafted, n_accepted passed, n tokens verified in t_verify
-        seconds; drafting costs draft_per_token seconds per token as the drafters measure it."""
+        seconds; drafting costs draft_per_token seconds per token as the drafters measure it;
+        t_round seconds went to the network and the verifier's queue."""
         return None
 
 
@@ -92,6 +101,7 @@ class AdaptiveK(DraftLengthPolicy):
         self.k_max = k_max
         self.verify = CostTable()
         self.draft_per_token = 0.0  # seconds per draft token (moving average)
+        self.round_overhead = 0.0  # seconds per round outside the target pass (moving average)
         self.prior_alpha, self.prior_weight = prior_alpha, prior_weight
         self.decay = decay  # forget old rounds slowly: acceptance drifts with the text
         self.probe_every = probe_every  # with K = 0 chosen, still probe K = 2 this often
@@ -114,13 +124,20 @@ class AdaptiveK(DraftLengthPolicy):
 
     def rate(self, k: int) -> float:
         """Expected tokens per second with draft length k."""
-        cost = self.draft_per_token * k + self.verify(k + 1)
+        cost = self.draft_per_token * k + self.round_overhead + self.verify(k + 1)
         return self.expected_tokens(k) / max(cost, 1e-9)
+
+    def p_full(self, k: int) -> float:
+        """Probability that all of k draft tokens pass."""
+        return float(np.prod(self.alphas()[:k]))
 
     def _could_pay(self, ks: range) -> bool:
         """Would some K > 0 clearly beat K = 0 if every draft token were accepted? If not,
         probing cannot pay for itself (a drafter must also catch up on the text it skipped)."""
-        best = max((k + 1) / (self.draft_per_token * k + self.verify(k + 1)) for k in ks)
+        best = max(
+            (k + 1) / (self.draft_per_token * k + self.round_overhead + self.verify(k + 1))
+            for k in ks
+        )
         return best > self.probe_margin * self.rate(0)
 
     def choose(self, limit: int) -> int:
@@ -135,12 +152,19 @@ class AdaptiveK(DraftLengthPolicy):
         return k
 
     def update(
-        self, k: int, n_accepted: int, t_verify: float, n: int, draft_per_token: float
+        self,
+        k: int,
+        n_accepted: int,
+        t_verify: float,
+        n: int,
+        draft_per_token: float,
+        t_round: float = 0.0,
     ) -> None:
         if self.learn_costs:
             self.verify.add(n, t_verify)
             if draft_per_token > 0:
                 self.draft_per_token = draft_per_token
+            self.round_overhead = 0.8 * self.round_overhead + 0.2 * t_round
         if k > 0:
             self.acc *= self.decay
             self.prop *= self.decay

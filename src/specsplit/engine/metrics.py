@@ -27,9 +27,15 @@ class GenerationStats:
     t_prefill: float = 0.0  # seconds
     t_draft: float = 0.0
     t_verify: float = 0.0
+    t_network: float = 0.0  # round trips minus the verifier's own time (remote verifiers)
+    t_queue: float = 0.0  # rounds waiting on the verifier for a batched pass
     t_first_token: float = 0.0  # arrival -> first new token
     t_total: float = 0.0  # arrival -> last new token
     seed: int = 0  # the seed that replays this run (with a fixed K)
+    round_trips: int = 0  # messages answered by the verifier (rounds, dropped ones included)
+    dropped: int = 0  # draft tokens drafted ahead of a round that then failed (never verified)
+    bytes_sent: int = 0  # to the verifier, on the wire (remote verifiers)
+    bytes_received: int = 0
 
     def record_round(self, k: int, n_accepted: int, emitted: int) -> None:
         """One verification pass over k draft tokens, of which n_accepted passed."""
@@ -77,6 +83,15 @@ class GenerationStats:
             "prefill_s": self.t_prefill,
             "draft_s": self.t_draft,
             "verify_s": self.t_verify,
+            "network_s": self.t_network,
+            "queue_s": self.t_queue,
+            "round_trips": self.round_trips,
+            "dropped_draft_tokens": self.dropped,
+            "bytes_sent": self.bytes_sent,
+            "bytes_received": self.bytes_received,
+            "bytes_per_token": (self.bytes_sent + self.bytes_received) / self.new_tokens
+            if self.new_tokens
+            else 0.0,
             "acceptance_rate": self.acceptance_rate,
             "mean_accepted_length": self.mean_accepted_length,
             "per_position_acceptance": self.per_position_acceptance,

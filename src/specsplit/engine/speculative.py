@@ -1,9 +1,16 @@
 """The speculation loop for one request: draft, verify in one target pass, roll back, repeat.
 
-The target's KV cache holds every committed token except the last one (``pending``); a round
-feeds [pending, d_1 .. d_K] in one pass, which yields the K + 1 distributions verification
-needs, then truncates the cache to the accepted tokens. With no drafter (or K = 0) a round
-is one step of plain KV-cached decoding, so the baseline runs through the same code.
+``DecodeLoop`` drafts locally and hands each round to a ``Verifier`` (the target in this
+process, this process's batch scheduler, or a server across the network). The verifier's
+KV cache holds every committed token except the last one (``pending``); a round feeds
+[pending, d_1 .. d_K] in one pass, which yields the K + 1 distributions verification needs,
+then keeps the accepted tokens. With no drafter (or K = 0) a round is one step of plain
+KV-cached decoding, so the baseline runs through the same code. ``SpeculativeEngine`` is
+the loop on a local target.
+
+Across a network the loop drafts ahead: while round r is in flight it drafts round r + 1 on
+the assumption that r accepts everything (its first token is the guess of r's bonus token)
+and sends it at once; the verifier drops it if the assumption fails (see ``verifier``).
 """
 
 from __future__ import annotations
@@ -11,25 +18,19 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-
-import numpy as np
 
 from specsplit.backends.base import Backend
 from specsplit.engine.draft_length import AdaptiveK, DraftLengthPolicy, FixedK
 from specsplit.engine.metrics import GenerationStats
 from specsplit.engine.stopping import TextStream
+from specsplit.engine.verifier import LocalVerifier, Outcome, Verifier, draft_rng
 from specsplit.errors import ConfigError
 from specsplit.proposers.base import Draft, Proposer
-from specsplit.sampling import GREEDY, SamplingParams, logits_to_probs
-from specsplit.verify import (
-    TokenTree,
-    Verdict,
-    verify_chain,
-    verify_greedy,
-    verify_tree,
-    verify_tree_greedy,
-)
+from specsplit.sampling import GREEDY, SamplingParams
+
+PIPELINE_MIN_P_FULL = 0.5  # draft ahead only if the round in flight likely passes whole
 
 
 @dataclass(frozen=True)
@@ -62,93 +63,57 @@ class Chunk:
     result: GenerationResult | None = field(default=None)
 
 
-class SpeculativeEngine:
-    """Speculative decoding of one request at a time on a target backend."""
+def default_policy(proposers: Sequence[Proposer], k: int | None, k_max: int) -> DraftLengthPolicy:
+    """No drafter: K = 0; a fixed k; else the adaptive policy."""
+    if not proposers:
+        return FixedK(0)
+    return FixedK(k) if k is not None else AdaptiveK(k_max)
+
+
+@dataclass
+class _InFlight:
+    """A submitted round the loop has not read yet."""
+
+    future: Future[Outcome]
+    drafts: list[Draft]
+    t_sent: float
+    pipelined: bool = False
+
+
+class DecodeLoop:
+    """Generates one request at a time: local drafters, any verifier."""
 
     def __init__(
         self,
-        target: Backend,
+        verifier: Verifier,
         proposers: Sequence[Proposer] = (),
-        k: int | None = None,
-        k_max: int = 16,
         policy: DraftLengthPolicy | None = None,
+        pipeline: bool | None = None,
     ) -> None:
-        if len(proposers) > 1 and not target.supports_tree:
-            raise ConfigError(f"several drafters need tree verification; {target.name} has none")
-        if k is not None and not 0 <= k <= 64:
-            raise ConfigError(f"k must be in [0, 64] or auto, got {k}")
-        self.target = target
+        self.verifier = verifier
         self.proposers = list(proposers)
-        self.policy: DraftLengthPolicy = policy or (
-            FixedK(0) if not proposers else FixedK(k) if k is not None else AdaptiveK(k_max)
-        )
+        self.policy = policy or default_policy(self.proposers, None, 16)
+        # drafting ahead needs one chain (a tree's bonus has no single guess)
+        self.pipeline = (verifier.pipelines if pipeline is None else pipeline) and len(
+            self.proposers
+        ) == 1
 
-    # ---- set-up ----
+    def _draft(
+        self, context: list[int], k: int, params: SamplingParams, rng, stats: GenerationStats
+    ) -> list[Draft]:
+        t0 = time.perf_counter()
+        drafts = [p.propose(context, k, params, rng) for p in self.proposers] if k else []
+        stats.t_draft += time.perf_counter() - t0
+        return drafts
 
-    def warm_up(self, prompt_ids: Sequence[int] = ()) -> None:
-        """Run each model once and measure target pass costs for the K policy (untimed)."""
-        ids = list(prompt_ids) or [self.target.tokenizer.bos_token_id or 0] * 32
-        seq = self.target.new_sequence()
-        try:
-            self.target.prefill(seq, ids)
-            base = self.target.length(seq)
-            for n in (1, 2, 3, 5, 9, 13, 17):
-                times = []
-                for _ in range(3):  # median of three: the first pass of a shape allocates
-                    t0 = time.perf_counter()
-                    self.target.forward(seq, (ids * n)[:n])
-                    times.append(time.perf_counter() - t0)
-                    self.target.truncate(seq, base)
-                if isinstance(self.policy, AdaptiveK):
-                    self.policy.verify.shape[n] = sorted(times)[1]
-        finally:
-            self.target.free_sequence(seq)
-        for p in self.proposers:
-            p.warm_up(ids)
-        if isinstance(self.policy, AdaptiveK):
-            self.policy.draft_per_token = sum(p.cost_per_token for p in self.proposers)
-
-    # ---- one round ----
-
-    def _align(self, q: np.ndarray | None) -> np.ndarray | None:
-        """A drafter's q [k, V_draft] as [k, V_target] (padding rows of the logits differ)."""
-        v = self.target.vocab_size
-        if q is None or q.shape[1] == v:
-            return q
-        if q.shape[1] < v:
-            return np.pad(q, ((0, 0), (0, v - q.shape[1])))
-        if q[:, v:].any():
-            raise ConfigError("the drafter proposed ids outside the target's vocabulary")
-        return q[:, :v]
-
-    def _verify(
-        self, seq: int, pending: int, drafts: list[Draft], params: SamplingParams, rng
-    ) -> tuple[Verdict, list[int]]:
-        """One target pass over [pending] + drafts; returns the verdict and accepted ids."""
-        base = self.target.length(seq)
-        chains = [d.tokens for d in drafts if d.tokens]
-        if len(chains) <= 1:
-            chain = chains[0] if chains else []
-            logits = self.target.forward(seq, [pending, *chain])  # [K+1, V]
-            if params.greedy:
-                v = verify_greedy(chain, np.argmax(logits, axis=-1))
-            else:
-                q = self._align(next((d.q for d in drafts if d.tokens), None))
-                v = verify_chain(chain, q, logits_to_probs(logits, params), rng)
-            self.target.truncate(seq, base + 1 + v.n_accepted)
-            return v, list(chain[: v.n_accepted])
-        qs = [self._align(d.q) for d in drafts if d.tokens]
-        tree = TokenTree.from_chains(chains)
-        parents = [-1] + [p + 1 for p in tree.parents]  # node i is new token 1 + i
-        logits = self.target.forward(seq, [pending, *tree.tokens], parents)  # [n+1, V]
-        if params.greedy:
-            v = verify_tree_greedy(chains, tree, np.argmax(logits, axis=-1))
-        else:
-            v = verify_tree(chains, qs, tree, logits_to_probs(logits, params), rng)
-        self.target.keep(seq, base, [0] + [1 + i for i in v.path])
-        return v, [tree.tokens[i] for i in v.path]
-
-    # ---- the loop ----
+    def _ahead_k(self, k: int, limit: int) -> int:
+        """Draft tokens (after the bonus guess) to draft ahead of a k-token round; 0: don't."""
+        policy = self.policy
+        if not self.pipeline or k == 0 or limit < 1:
+            return 0
+        if isinstance(policy, AdaptiveK) and policy.p_full(k) < PIPELINE_MIN_P_FULL:
+            return 0
+        return policy.choose(limit)
 
     def stream(self, req: GenerationRequest) -> Iterator[Chunk]:
         """Generate, yielding text as it is accepted; the last chunk carries the result."""
@@ -156,54 +121,76 @@ class SpeculativeEngine:
         prompt = [int(t) for t in req.prompt_ids]
         self._check(req, prompt)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        rng_verify, rng_draft = (
-            np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2)
-        )
+        rng_draft = draft_rng(seed)
         stats = GenerationStats(seed=seed)
-        text = TextStream(self.target.tokenizer, req.stop)
-        eos = self.target.tokenizer.eos_token_ids
+        tok = self.verifier.tokenizer
+        text = TextStream(tok, req.stop)
+        eos = tok.eos_token_ids
         out: list[int] = []
         finish = None
-        seq = self.target.new_sequence()
+        per_token = sum(p.cost_per_token for p in self.proposers)
         try:
-            t0 = time.perf_counter()
-            if len(prompt) > 1:
-                self.target.prefill(seq, prompt[:-1])
-            stats.t_prefill = time.perf_counter() - t0
-            context, pending = list(prompt), prompt[-1]
+            self.verifier.open(prompt, req.params, seed)
+            stats.t_prefill = time.perf_counter() - t_arrival
+            if isinstance(self.policy, AdaptiveK) and not self.policy.verify.shape:
+                self.policy.verify.shape.update(self.verifier.cost_shape)
+            context, version = list(prompt), 0
+            ahead: _InFlight | None = None
             while finish is None:
                 budget = req.max_new_tokens - len(out)
-                room = self.target.n_ctx - len(context)
-                k = self.policy.choose(min(budget, room) - 1)
-                t0 = time.perf_counter()
-                drafts = (
-                    [p.propose(context, k, req.params, rng_draft) for p in self.proposers]
-                    if k
-                    else []
-                )
-                t1 = time.perf_counter()
-                verdict, accepted = self._verify(seq, pending, drafts, req.params, rng_verify)
-                t2 = time.perf_counter()
-                k_used = max((len(d.tokens) for d in drafts), default=0)
+                room = self.verifier.n_ctx - len(context)
+                if ahead is not None:
+                    cur, ahead = ahead, None
+                else:
+                    k = self.policy.choose(min(budget, room) - 1)
+                    drafts = self._draft(context, k, req.params, rng_draft, stats)
+                    fut = self.verifier.submit(drafts, version)
+                    cur = _InFlight(fut, drafts, time.perf_counter())
+                live = [d.tokens for d in cur.drafts if d.tokens]
+                chain = live[0][int(cur.pipelined) :] if live else []  # the one chain, if one
+                k_used = max((len(d.tokens) for d in cur.drafts), default=0) - int(cur.pipelined)
+                k2 = self._ahead_k(k_used, min(budget, room) - k_used - 2)
+                if k2:  # draft ahead on [context, chain] while the round is in flight
+                    d2 = self._draft(context + chain, k2 + 1, req.params, rng_draft, stats)
+                    if len(d2[0].tokens) >= 2:
+                        fut2 = self.verifier.submit(d2, version + 1, pipelined=True)
+                        ahead = _InFlight(fut2, d2, time.perf_counter(), pipelined=True)
+                outcome = cur.future.result()
+                wall = time.perf_counter() - cur.t_sent
+                stats.round_trips += 1
+                if outcome.dropped:
+                    stats.dropped += len(chain) + 1
+                    continue
+                version = outcome.version
+                stats.t_verify += outcome.t_verify
+                stats.t_queue += outcome.t_queue
+                t_round = max(0.0, wall - outcome.t_verify) if self.verifier.remote else 0.0
+                stats.t_network += max(0.0, t_round - outcome.t_queue)
                 self.policy.update(
                     k_used,
-                    verdict.n_accepted,
-                    t2 - t1,
-                    1 + sum(len(d.tokens) for d in drafts),
-                    sum(p.cost_per_token for p in self.proposers),
+                    outcome.n_accepted,
+                    outcome.t_verify,
+                    1 + sum(len(d.tokens) for d in cur.drafts) - int(cur.pipelined),
+                    per_token,
+                    t_round,
                 )
-                stats.t_draft += t1 - t0
-                stats.t_verify += t2 - t1
-                new, finish = self._cut([*accepted, verdict.next_token], budget, eos)
-                stats.record_round(k_used, verdict.n_accepted, len(new) + (finish == "eos"))
+                if ahead is not None and not (
+                    outcome.n_accepted == k_used and outcome.next_token == ahead.drafts[0].tokens[0]
+                ):
+                    stats.dropped += len(ahead.drafts[0].tokens)
+                    stats.round_trips += 1
+                    ahead = None  # the verifier drops it; the next round builds on the truth
+                followed = live[outcome.chain][int(cur.pipelined) :] if live else []
+                accepted = followed[: outcome.n_accepted]
+                new, finish = self._cut([*accepted, outcome.next_token], budget, eos)
+                stats.record_round(k_used, outcome.n_accepted, len(new) + (finish == "eos"))
                 out += new
                 context += new
-                pending = context[-1]
                 cut = text.find_stop(out)
                 if cut is not None:
                     new = new[: max(0, len(new) - (len(out) - cut))]
                     out, finish = out[:cut], "stop"
-                if finish is None and len(context) >= self.target.n_ctx:
+                if finish is None and len(context) >= self.verifier.n_ctx:
                     finish = "length"
                 if not stats.t_first_token:
                     stats.t_first_token = time.perf_counter() - t_arrival
@@ -211,10 +198,10 @@ class SpeculativeEngine:
                 if finish is None:
                     yield Chunk(piece, new)
             stats.t_total = time.perf_counter() - t_arrival
-            result = GenerationResult(out, text.emitted, finish, stats)
-            yield Chunk(piece, new, result)
+            stats.bytes_sent, stats.bytes_received = self.verifier.traffic()
+            yield Chunk(piece, new, GenerationResult(out, text.emitted, finish, stats))
         finally:
-            self.target.free_sequence(seq)
+            self.verifier.close()
 
     def generate(self, req: GenerationRequest) -> GenerationResult:
         """Generate to the end; returns the result."""
@@ -230,11 +217,11 @@ class SpeculativeEngine:
             raise ConfigError("the prompt is empty")
         if req.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-        if len(prompt) >= self.target.n_ctx:
+        if len(prompt) >= self.verifier.n_ctx:
             raise ConfigError(
-                f"the prompt has {len(prompt)} tokens; the target's context holds {self.target.n_ctx}"
+                f"the prompt has {len(prompt)} tokens; the target's context holds {self.verifier.n_ctx}"
             )
-        v = self.target.vocab_size
+        v = self.verifier.vocab_size
         if min(prompt) < 0 or max(prompt) >= v:
             raise ConfigError(f"prompt token ids must be in [0, {v})")
 
@@ -247,3 +234,65 @@ class SpeculativeEngine:
         if len(new) >= budget:
             return new[:budget], "length"
         return new, None
+
+
+class SpeculativeEngine:
+    """Speculative decoding of one request at a time on a target backend in this process."""
+
+    def __init__(
+        self,
+        target: Backend,
+        proposers: Sequence[Proposer] = (),
+        k: int | None = None,
+        k_max: int = 16,
+        policy: DraftLengthPolicy | None = None,
+    ) -> None:
+        if len(proposers) > 1 and not target.supports_tree:
+            raise ConfigError(f"several drafters need tree verification; {target.name} has none")
+        if k is not None and not 0 <= k <= 64:
+            raise ConfigError(f"k must be in [0, 64] or auto, got {k}")
+        self.target = target
+        self.proposers = list(proposers)
+        self.policy: DraftLengthPolicy = policy or default_policy(self.proposers, k, k_max)
+        self.loop = DecodeLoop(LocalVerifier(target), self.proposers, self.policy)
+
+    def warm_up(self, prompt_ids: Sequence[int] = ()) -> None:
+        """Run each model once and measure target pass costs for the K policy (untimed)."""
+        ids = list(prompt_ids) or [self.target.tokenizer.bos_token_id or 0] * 32
+        shape = calibrate(self.target, ids)
+        if isinstance(self.policy, AdaptiveK):
+            self.policy.verify.shape.update(shape)
+        for p in self.proposers:
+            p.warm_up(ids)
+        if isinstance(self.policy, AdaptiveK):
+            self.policy.draft_per_token = sum(p.cost_per_token for p in self.proposers)
+
+    def stream(self, req: GenerationRequest) -> Iterator[Chunk]:
+        """Generate, yielding text as it is accepted; the last chunk carries the result."""
+        return self.loop.stream(req)
+
+    def generate(self, req: GenerationRequest) -> GenerationResult:
+        """Generate to the end; returns the result."""
+        return self.loop.generate(req)
+
+
+def calibrate(
+    target: Backend, ids: Sequence[int], sizes=(1, 2, 3, 5, 9, 13, 17)
+) -> dict[int, float]:
+    """Seconds of a target pass over n new tokens, for each n in sizes (median of three)."""
+    shape: dict[int, float] = {}
+    seq = target.new_sequence()
+    try:
+        target.prefill(seq, list(ids))
+        base = target.length(seq)
+        for n in sizes:
+            times = []
+            for _ in range(3):  # the first pass of a shape allocates
+                t0 = time.perf_counter()
+                target.forward(seq, (list(ids) * n)[:n])
+                times.append(time.perf_counter() - t0)
+                target.truncate(seq, base)
+            shape[n] = sorted(times)[1]
+    finally:
+        target.free_sequence(seq)
+    return shape

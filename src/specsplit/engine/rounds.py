@@ -1,0 +1,103 @@
+"""One verification round, in three steps any verifier shares (local, batched, remote).
+
+1. ``plan_round``: the tokens one target pass must see: [pending, d_1 .. d_K] for one chain,
+   or [pending, tree nodes...] with parents for several chains (SpecInfer);
+2. the target pass itself (``Backend.forward`` or one ``forward_batch`` for many sessions);
+3. ``decide``: the verdict from the pass's logits (greedy or rejection sampling), then
+   ``commit``: roll the KV cache back to the accepted tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from specsplit.backends.base import Backend
+from specsplit.errors import ConfigError
+from specsplit.proposers.base import Draft
+from specsplit.sampling import SamplingParams, logits_to_probs
+from specsplit.verify import (
+    TokenTree,
+    Verdict,
+    verify_chain,
+    verify_greedy,
+    verify_tree,
+    verify_tree_greedy,
+)
+
+
+@dataclass(frozen=True)
+class Round:
+    """What one target pass verifies: the pending token followed by the drafts."""
+
+    chains: list[list[int]]  # the non-empty draft chains
+    qs: list[np.ndarray | None]  # per chain, [K_j, V_target] or None (one-hot)
+    tree: TokenTree | None  # None: at most one chain
+    tokens: list[int]  # [n] fed to the target, pending first
+    parents: list[int] | None  # [n] tree parents among the new tokens; None: a chain
+
+    @property
+    def n_draft(self) -> int:
+        """Draft tokens proposed (tree nodes tested, for several chains)."""
+        return len(self.tokens) - 1
+
+    @property
+    def k(self) -> int:
+        """The longest chain."""
+        return max((len(c) for c in self.chains), default=0)
+
+
+def align_q(q: np.ndarray | None, vocab: int) -> np.ndarray | None:
+    """A drafter's q [k, V_draft] as [k, V_target] (padding rows of the logits differ)."""
+    if q is None or q.shape[1] == vocab:
+        return q
+    if q.shape[1] < vocab:
+        return np.pad(q, ((0, 0), (0, vocab - q.shape[1])))
+    if q[:, vocab:].any():
+        raise ConfigError("the drafter proposed ids outside the target's vocabulary")
+    return q[:, :vocab]
+
+
+def plan_round(pending: int, drafts: Sequence[Draft], vocab: int) -> Round:
+    """The target input of a round over the drafts (empty drafts: one plain decoding step)."""
+    live = [d for d in drafts if d.tokens]
+    chains = [[int(t) for t in d.tokens] for d in live]
+    qs = [align_q(d.q, vocab) for d in live]
+    for c, q in zip(chains, qs, strict=True):
+        if q is not None and q.shape[0] < len(c):
+            raise ConfigError(f"a draft of {len(c)} tokens came with {q.shape[0]} q rows")
+    if len(chains) <= 1:
+        return Round(chains, qs, None, [pending, *(chains[0] if chains else [])], None)
+    tree = TokenTree.from_chains(chains)
+    parents = [-1] + [p + 1 for p in tree.parents]  # node i is new token 1 + i
+    return Round(chains, qs, tree, [pending, *tree.tokens], parents)
+
+
+def decide(
+    rnd: Round, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
+) -> tuple[Verdict, list[int]]:
+    """The verdict from the target's logits [n, V] over rnd.tokens, and the accepted ids."""
+    if rnd.tree is None:
+        chain = rnd.chains[0] if rnd.chains else []
+        if params.greedy:
+            v = verify_greedy(chain, np.argmax(logits, axis=-1))
+        else:
+            v = verify_chain(
+                chain, rnd.qs[0] if rnd.qs else None, logits_to_probs(logits, params), rng
+            )
+        return v, list(chain[: v.n_accepted])
+    if params.greedy:
+        v = verify_tree_greedy(rnd.chains, rnd.tree, np.argmax(logits, axis=-1))
+    else:
+        v = verify_tree(rnd.chains, rnd.qs, rnd.tree, logits_to_probs(logits, params), rng)
+    return v, [rnd.tree.tokens[i] for i in v.path]
+
+
+def commit(target: Backend, seq: int, base: int, rnd: Round, verdict: Verdict) -> None:
+    """Keep the pending token and the accepted draft tokens in the cache; drop the rest."""
+    if rnd.tree is None:
+        target.truncate(seq, base + 1 + verdict.n_accepted)
+    else:
+        target.keep(seq, base, [0] + [1 + i for i in verdict.path])

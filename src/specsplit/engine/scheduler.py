@@ -1,0 +1,381 @@
+"""Many sessions, one target: rounds from different users verified in one batched pass.
+
+One thread owns the target backend. Sessions (``VerifySession``) submit rounds; each turn
+of the loop takes the oldest round of every session that has one (up to ``max_batch``),
+runs a single ``forward_batch`` over all of them (sessions of different lengths and
+different K in the same pass), decides each verdict and answers each future. Between
+batches it prefills at most one chunk of one new prompt, so a long prompt does not stall
+the sessions already decoding. KV memory has a budget in bytes: idle sessions are evicted
+first (their ids are kept; the cache is rebuilt by prefill if they come back).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from specsplit.backends.base import Backend
+from specsplit.engine.rounds import Round
+from specsplit.engine.verifier import Outcome, Verifier, VerifySession
+from specsplit.errors import ConfigError, Overloaded, SessionGone, SpecsplitError
+from specsplit.proposers.base import Draft
+from specsplit.sampling import SamplingParams
+
+log = logging.getLogger("specsplit.scheduler")
+
+
+@dataclass
+class _Job:
+    drafts: Sequence[Draft]
+    version: int
+    pipelined: bool
+    future: Future[Outcome]
+    t_submit: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class Served:
+    """A session as the scheduler holds it."""
+
+    id: str
+    state: VerifySession
+    ready: Future[None]  # set once the prompt is prefilled
+    jobs: deque[_Job] = field(default_factory=deque)
+    closed: bool = False
+    end_reason: str = ""
+
+
+@dataclass
+class SchedulerStats:
+    """Counters for the metrics page (all since start)."""
+
+    passes: int = 0  # batched verification passes
+    rounds: int = 0  # rounds verified (sum of batch sizes)
+    dropped: int = 0  # pipelined rounds dropped
+    proposed: int = 0  # draft tokens verified
+    accepted: int = 0
+    emitted: int = 0  # tokens committed by rounds (accepted + correction/bonus)
+    prefill_tokens: int = 0
+    evictions: int = 0
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # size -> passes
+    t_verify: float = 0.0
+    last_pass: float = 0.0  # seconds of the last verification pass
+
+
+class BatchScheduler:
+    """Owns the target; verifies rounds of many sessions in batched passes."""
+
+    def __init__(
+        self,
+        target: Backend,
+        *,
+        max_batch: int = 8,
+        max_sessions: int = 64,
+        max_draft: int = 16,
+        kv_budget: int | None = None,
+        prefill_chunk: int = 256,
+        batch_window: float = 0.005,
+        idle_timeout: float = 300.0,
+        cost_shape: dict[int, float] | None = None,
+    ) -> None:
+        if max_batch < 1 or max_sessions < 1 or max_draft < 0 or prefill_chunk < 1:
+            raise ConfigError("max_batch, max_sessions, prefill_chunk must be >= 1, max_draft >= 0")
+        self.target = target
+        self.max_batch, self.max_sessions, self.max_draft = max_batch, max_sessions, max_draft
+        self.kv_budget = kv_budget
+        self.kv_per_token = target.kv_bytes_per_token()
+        if kv_budget is not None and not self.kv_per_token:
+            raise ConfigError(f"the {target.name} backend cannot measure its KV cache: no budget")
+        self.prefill_chunk, self.batch_window, self.idle_timeout = (
+            prefill_chunk,
+            batch_window,
+            idle_timeout,
+        )
+        self.cost_shape = dict(cost_shape or {})
+        self.stats = SchedulerStats()
+        self.sessions: dict[str, Served] = {}
+        self._closing: deque[tuple[Served, str]] = deque()
+        self._cv = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._rr = itertools.count()
+
+    # ---- life cycle ----
+
+    def start(self) -> None:
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="specsplit-scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop; every open session ends with SessionGone."""
+        with self._cv:
+            self._running = False
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        for s in list(self.sessions.values()):
+            self._end(s, "server stopping")
+
+    # ---- what sessions call (any thread) ----
+
+    def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> Served:
+        """Register a session; its prompt is prefilled by the loop (wait on ``.ready``)."""
+        state = VerifySession(prompt_ids, params, seed, self.target.vocab_size)
+        if len(state.tokens) >= self.target.n_ctx:
+            raise ConfigError(
+                f"the prompt has {len(state.tokens)} tokens; the target's context holds {self.target.n_ctx}"
+            )
+        if self.kv_budget is not None and len(state.tokens) * self.kv_per_token > self.kv_budget:
+            raise Overloaded("the prompt's KV cache alone is larger than the server's KV budget")
+        with self._cv:
+            if len(self.sessions) >= self.max_sessions:
+                raise Overloaded(f"the server holds its maximum of {self.max_sessions} sessions")
+            s = Served(secrets.token_hex(8), state, Future())
+            self.sessions[s.id] = s
+            self._cv.notify_all()
+        return s
+
+    def submit(
+        self, s: Served, drafts: Sequence[Draft], version: int, pipelined: bool = False
+    ) -> Future[Outcome]:
+        """Queue a round of session s; the future carries its outcome or the error."""
+        n = sum(len(d.tokens) for d in drafts) - int(pipelined)
+        if n > self.max_draft:
+            raise ConfigError(f"{n} draft tokens in one round; the limit is {self.max_draft}")
+        job = _Job(drafts, version, pipelined, Future())
+        with self._cv:
+            if s.closed:
+                raise SessionGone(f"session {s.id} ended: {s.end_reason}")
+            s.jobs.append(job)
+            s.state.last_used = time.monotonic()
+            self._cv.notify_all()
+        return job.future
+
+    def close(self, s: Served, reason: str = "closed") -> None:
+        """End a session (its memory is freed by the loop)."""
+        with self._cv:
+            if not s.closed:
+                s.closed, s.end_reason = True, reason
+                self._closing.append((s, reason))
+                self._cv.notify_all()
+
+    def load_hint(self) -> float:
+        """Expected seconds a new round waits before its pass."""
+        queued = sum(len(s.jobs) for s in self.sessions.values())
+        return (queued / self.max_batch) * self.stats.last_pass
+
+    def kv_bytes(self) -> int:
+        """Bytes of KV cache held now."""
+        return self.kv_per_token * sum(s.state.cached for s in self.sessions.values())
+
+    # ---- the loop (the only thread that touches the target) ----
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while self._running and not self._has_work():
+                    self._cv.wait(timeout=1.0)
+                    self._sweep_idle()
+                if not self._running:
+                    return
+                self._wait_for_batch()
+                closing = list(self._closing)
+                self._closing.clear()
+            for s, reason in closing:
+                self._end(s, reason)
+            try:
+                self._turn()
+            except Exception:  # a bug must not kill the server: fail the batch, go on
+                log.exception("scheduler turn failed")
+
+    def _has_work(self) -> bool:
+        return bool(self._closing) or any(
+            s.jobs or not s.ready.done() for s in self.sessions.values() if not s.closed
+        )
+
+    def _wait_for_batch(self) -> None:
+        """Give other decoding sessions a moment to send their rounds (called with the lock)."""
+        deadline = time.perf_counter() + self.batch_window
+        while self.batch_window > 0:
+            decoding = [s for s in self.sessions.values() if s.ready.done() and not s.closed]
+            waiting = sum(1 for s in decoding if s.jobs)
+            if waiting >= min(len(decoding), self.max_batch):
+                return
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._cv.wait(timeout=left)
+
+    def _sweep_idle(self) -> None:
+        now = time.monotonic()
+        for s in self.sessions.values():
+            if not s.closed and not s.jobs and now - s.state.last_used > self.idle_timeout:
+                log.info("session %s idle for %.0f s: closing", s.id, now - s.state.last_used)
+                s.closed, s.end_reason = True, "idle timeout"
+                self._closing.append((s, "idle timeout"))
+
+    def _end(self, s: Served, reason: str) -> None:
+        s.closed, s.end_reason = True, s.end_reason or reason
+        s.state.release(self.target)
+        self.sessions.pop(s.id, None)
+        err = SessionGone(f"session {s.id} ended: {s.end_reason}")
+        while s.jobs:
+            s.jobs.popleft().future.set_exception(err)
+        if not s.ready.done():
+            s.ready.set_exception(err)
+
+    def _turn(self) -> None:
+        with self._cv:
+            live = [s for s in self.sessions.values() if not s.closed]
+        batch = [s for s in live if s.jobs and s.ready.done() and not s.state.missing()]
+        batch = batch[: self.max_batch]
+        if batch:
+            self._verify(batch)
+        todo = [s for s in live if (not s.ready.done() or s.state.missing()) and not s.closed]
+        if todo:  # one prefill chunk per turn, round robin
+            self._prefill(todo[next(self._rr) % len(todo)])
+
+    def _ensure_room(self, keep: Sequence[Served], extra_tokens: int) -> bool:
+        """Evict idle sessions (least recently used first) until extra tokens fit the budget."""
+        if self.kv_budget is None:
+            return True
+        need = self.kv_bytes() + extra_tokens * self.kv_per_token
+        idle = sorted(
+            (s for s in self.sessions.values() if s not in keep and not s.jobs and s.state.cached),
+            key=lambda s: s.state.last_used,
+        )
+        while need > self.kv_budget and idle:
+            victim = idle.pop(0)
+            need -= victim.state.cached * self.kv_per_token
+            victim.state.release(self.target)
+            self.stats.evictions += 1
+            log.info("evicted the KV cache of idle session %s", victim.id)
+        return need <= self.kv_budget
+
+    def _prefill(self, s: Served) -> None:
+        n = min(self.prefill_chunk, s.state.missing())
+        if not self._ensure_room([s], n):
+            if s.state.cached == 0 and not self._others_hold_kv(s):
+                self._fail(s, Overloaded("the prompt does not fit the server's KV budget"))
+            return  # wait for other sessions to finish
+        try:
+            s.state.prefill_step(self.target, self.prefill_chunk)
+        except SpecsplitError as e:
+            self._fail(s, e)
+            return
+        self.stats.prefill_tokens += n
+        if not s.state.missing() and not s.ready.done():
+            s.ready.set_result(None)
+
+    def _others_hold_kv(self, s: Served) -> bool:
+        return any(o is not s and o.state.cached for o in self.sessions.values())
+
+    def _fail(self, s: Served, err: Exception) -> None:
+        if not s.ready.done():
+            s.ready.set_exception(err)
+        with self._cv:
+            s.closed, s.end_reason = True, str(err)
+            self._closing.append((s, str(err)))
+
+    def _verify(self, batch: list[Served]) -> None:
+        t_start = time.perf_counter()
+        planned: list[tuple[Served, _Job, Round]] = []
+        for s in batch:
+            with self._cv:
+                job = s.jobs.popleft()
+            try:
+                rnd = s.state.plan(job.drafts, job.version, job.pipelined)
+                if rnd is not None and s.state.cached + len(rnd.tokens) > self.target.n_ctx:
+                    raise ConfigError(
+                        f"the session would hold {s.state.cached + len(rnd.tokens)} tokens; "
+                        f"the context holds {self.target.n_ctx}"
+                    )
+            except SpecsplitError as e:
+                job.future.set_exception(e)
+                continue
+            if rnd is None:
+                self.stats.dropped += 1
+                job.future.set_result(s.state.dropped())
+                continue
+            planned.append((s, job, rnd))
+        extra = sum(len(r.tokens) for _, _, r in planned)
+        while planned and not self._ensure_room([p[0] for p in planned], extra):
+            s, job, rnd = planned.pop()  # does not fit now: back to the head of its queue
+            extra -= len(rnd.tokens)
+            with self._cv:
+                s.jobs.appendleft(job)
+        if not planned:
+            return
+        t0 = time.perf_counter()
+        try:
+            logits = self.target.forward_batch(
+                [(s.state.seq, r.tokens, r.parents) for s, _, r in planned]
+            )  # per session [n_b, V]
+        except Exception as e:
+            log.exception("batched target pass failed")
+            for s, job, _ in planned:
+                job.future.set_exception(SessionGone(f"the target pass failed: {e}"))
+                self._fail(s, e)
+            return
+        t_pass = time.perf_counter() - t0
+        st = self.stats
+        st.passes += 1
+        st.rounds += len(planned)
+        st.batch_sizes[len(planned)] = st.batch_sizes.get(len(planned), 0) + 1
+        st.t_verify += t_pass
+        st.last_pass = t_pass
+        for (s, job, rnd), lg in zip(planned, logits, strict=True):
+            out = s.state.apply(self.target, rnd, lg)
+            st.proposed += rnd.n_draft
+            st.accepted += out.n_accepted
+            st.emitted += out.n_accepted + 1
+            job.future.set_result(
+                Outcome(
+                    out.version,
+                    False,
+                    out.n_accepted,
+                    out.next_token,
+                    out.chain,
+                    t_verify=t_pass,
+                    t_queue=max(0.0, t_start - job.t_submit),
+                    batch_size=len(planned),
+                    load=self.load_hint(),
+                )
+            )
+
+
+class ScheduledVerifier(Verifier):
+    """A verifier for one session of a scheduler in this process (server-side drafting,
+    cloud-only generation, the HTTP face)."""
+
+    def __init__(self, scheduler: BatchScheduler) -> None:
+        self.scheduler = scheduler
+        t = scheduler.target
+        self.tokenizer, self.vocab_size, self.n_ctx = t.tokenizer, t.vocab_size, t.n_ctx
+        self.cost_shape = scheduler.cost_shape
+        self.served: Served | None = None
+
+    def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
+        self.close()
+        self.served = self.scheduler.open(prompt_ids, params, seed)
+        self.served.ready.result()
+
+    def submit(
+        self, drafts: Sequence[Draft], version: int, pipelined: bool = False
+    ) -> Future[Outcome]:
+        if self.served is None:
+            raise ConfigError("no open session")
+        return self.scheduler.submit(self.served, drafts, version, pipelined)
+
+    def close(self) -> None:
+        if self.served is not None:
+            self.scheduler.close(self.served)
+            self.served = None

@@ -1,0 +1,1 @@
+"""Transports: the OpenAI-style HTTP face and the gRPC link between machines."""
