@@ -23,3 +23,16 @@ class Overloaded(SpecsplitError):
 
 class SessionGone(SpecsplitError):
     """The session ended (closed, idle too long, evicted, or its verifier went away)."""
+
+
+class VerifierUnavailable(SpecsplitError):
+    """No verification server could be reached (after retries)."""
+
+
+class Interrupted(SpecsplitError):
+    """Generation stopped before its end; carries what was generated so far."""
+
+    def __init__(self, message: str, token_ids: list[int], text: str) -> None:
+        super().__init__(message)
+        self.token_ids = token_ids
+        self.text = text

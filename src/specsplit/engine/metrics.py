@@ -34,6 +34,7 @@ class GenerationStats:
     seed: int = 0  # the seed that replays this run (with a fixed K)
     round_trips: int = 0  # messages answered by the verifier (rounds, dropped ones included)
     dropped: int = 0  # draft tokens drafted ahead of a round that then failed (never verified)
+    reconnects: int = 0  # sessions re-opened after the verifier went away
     bytes_sent: int = 0  # to the verifier, on the wire (remote verifiers)
     bytes_received: int = 0
 
@@ -86,6 +87,7 @@ class GenerationStats:
             "network_s": self.t_network,
             "queue_s": self.t_queue,
             "round_trips": self.round_trips,
+            "reconnects": self.reconnects,
             "dropped_draft_tokens": self.dropped,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,

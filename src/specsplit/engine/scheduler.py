@@ -344,6 +344,7 @@ class BatchScheduler:
                     out.n_accepted,
                     out.next_token,
                     out.chain,
+                    out.accepted,
                     t_verify=t_pass,
                     t_queue=max(0.0, t_start - job.t_submit),
                     batch_size=len(planned),

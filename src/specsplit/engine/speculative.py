@@ -25,8 +25,8 @@ from specsplit.backends.base import Backend
 from specsplit.engine.draft_length import AdaptiveK, DraftLengthPolicy, FixedK
 from specsplit.engine.metrics import GenerationStats
 from specsplit.engine.stopping import TextStream
-from specsplit.engine.verifier import LocalVerifier, Outcome, Verifier, draft_rng
-from specsplit.errors import ConfigError
+from specsplit.engine.verifier import LocalVerifier, Outcome, Verifier, draft_rng, resume_seed
+from specsplit.errors import ConfigError, Interrupted, SessionGone, VerifierUnavailable
 from specsplit.proposers.base import Draft, Proposer
 from specsplit.sampling import GREEDY, SamplingParams
 
@@ -115,6 +115,57 @@ class DecodeLoop:
             return 0
         return policy.choose(limit)
 
+    def _send_round(
+        self,
+        ahead: _InFlight | None,
+        context: list[int],
+        version: int,
+        budget: int,
+        room: int,
+        params: SamplingParams,
+        rng,
+        stats: GenerationStats,
+    ) -> tuple[_InFlight, _InFlight | None]:
+        """The round to read next (drafted ahead earlier, or drafted and sent now) and, where
+        worth it, the next one drafted ahead and sent while this one is in flight."""
+        if ahead is not None:
+            cur = ahead
+        else:
+            k = self.policy.choose(min(budget, room) - 1)
+            drafts = self._draft(context, k, params, rng, stats)
+            cur = _InFlight(self.verifier.submit(drafts, version), drafts, time.perf_counter())
+        live = [d.tokens for d in cur.drafts if d.tokens]
+        chain = live[0][int(cur.pipelined) :] if live else []
+        k2 = self._ahead_k(len(chain), min(budget, room) - len(chain) - 2)
+        if not k2:  # draft ahead on [context, chain]: its first token guesses the bonus
+            return cur, None
+        d2 = self._draft(context + chain, k2 + 1, params, rng, stats)
+        if len(d2[0].tokens) < 2:
+            return cur, None
+        fut2 = self.verifier.submit(d2, version + 1, pipelined=True)
+        return cur, _InFlight(fut2, d2, time.perf_counter(), pipelined=True)
+
+    def _resume(
+        self,
+        err: SessionGone,
+        context: list[int],
+        req: GenerationRequest,
+        seed: int,
+        out: list[int],
+        stats: GenerationStats,
+    ) -> int:
+        """Re-open the session from the committed ids; returns its version (0)."""
+        try:
+            self.verifier.open(context, req.params, resume_seed(seed, len(context)))
+        except VerifierUnavailable as e:
+            raise Interrupted(
+                f"{e} (lost the session: {err}); {len(out)} tokens were generated",
+                list(out),
+                self.verifier.tokenizer.decode(out),
+            ) from None
+        stats.reconnects += 1
+        return 0
+
     def stream(self, req: GenerationRequest) -> Iterator[Chunk]:
         """Generate, yielding text as it is accepted; the last chunk carries the result."""
         t_arrival = time.perf_counter()
@@ -139,33 +190,32 @@ class DecodeLoop:
             while finish is None:
                 budget = req.max_new_tokens - len(out)
                 room = self.verifier.n_ctx - len(context)
-                if ahead is not None:
-                    cur, ahead = ahead, None
-                else:
-                    k = self.policy.choose(min(budget, room) - 1)
-                    drafts = self._draft(context, k, req.params, rng_draft, stats)
-                    fut = self.verifier.submit(drafts, version)
-                    cur = _InFlight(fut, drafts, time.perf_counter())
-                live = [d.tokens for d in cur.drafts if d.tokens]
-                chain = live[0][int(cur.pipelined) :] if live else []  # the one chain, if one
-                k_used = max((len(d.tokens) for d in cur.drafts), default=0) - int(cur.pipelined)
-                k2 = self._ahead_k(k_used, min(budget, room) - k_used - 2)
-                if k2:  # draft ahead on [context, chain] while the round is in flight
-                    d2 = self._draft(context + chain, k2 + 1, req.params, rng_draft, stats)
-                    if len(d2[0].tokens) >= 2:
-                        fut2 = self.verifier.submit(d2, version + 1, pipelined=True)
-                        ahead = _InFlight(fut2, d2, time.perf_counter(), pipelined=True)
-                outcome = cur.future.result()
+                try:
+                    cur, ahead = self._send_round(
+                        ahead, context, version, budget, room, req.params, rng_draft, stats
+                    )
+                    outcome = cur.future.result()
+                except SessionGone as e:  # the verifier went away: resume from the ids we have
+                    if not self.verifier.remote:
+                        raise
+                    ahead = None
+                    version = self._resume(e, context, req, seed, out, stats)
+                    continue
                 wall = time.perf_counter() - cur.t_sent
+                live = [d.tokens for d in cur.drafts if d.tokens]
+                k_used = max((len(d.tokens) for d in cur.drafts), default=0) - int(cur.pipelined)
                 stats.round_trips += 1
                 if outcome.dropped:
-                    stats.dropped += len(chain) + 1
                     continue
                 version = outcome.version
                 stats.t_verify += outcome.t_verify
                 stats.t_queue += outcome.t_queue
-                t_round = max(0.0, wall - outcome.t_verify) if self.verifier.remote else 0.0
-                stats.t_network += max(0.0, t_round - outcome.t_queue)
+                t_round = 0.0  # network and queue time of the round (remote verifiers)
+                if self.verifier.remote and not cur.pipelined:  # (a pipelined one overlapped)
+                    t_round = max(0.0, wall - outcome.t_verify)
+                    stats.t_network += max(0.0, t_round - outcome.t_queue)
+                elif isinstance(self.policy, AdaptiveK):
+                    t_round = self.policy.round_overhead
                 self.policy.update(
                     k_used,
                     outcome.n_accepted,
@@ -181,7 +231,11 @@ class DecodeLoop:
                     stats.round_trips += 1
                     ahead = None  # the verifier drops it; the next round builds on the truth
                 followed = live[outcome.chain][int(cur.pipelined) :] if live else []
-                accepted = followed[: outcome.n_accepted]
+                accepted = (
+                    list(outcome.accepted)
+                    if outcome.accepted is not None
+                    else followed[: outcome.n_accepted]
+                )
                 new, finish = self._cut([*accepted, outcome.next_token], budget, eos)
                 stats.record_round(k_used, outcome.n_accepted, len(new) + (finish == "eos"))
                 out += new

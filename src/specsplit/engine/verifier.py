@@ -40,6 +40,7 @@ class Outcome:
     n_accepted: int  # draft tokens accepted
     next_token: int  # the correction or bonus token (-1 if dropped)
     chain: int = 0  # the draft followed (index among the non-empty drafts sent)
+    accepted: tuple[int, ...] | None = None  # the accepted ids, where the verifier says them
     t_verify: float = 0.0  # seconds of the target pass
     t_queue: float = 0.0  # seconds the round waited for its pass
     batch_size: int = 1  # sessions verified in the same target pass
@@ -54,6 +55,13 @@ def verify_rng(seed: int) -> np.random.Generator:
 def draft_rng(seed: int) -> np.random.Generator:
     """The drafter's random stream for a request seed."""
     return np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
+
+
+def resume_seed(seed: int, n_committed: int) -> int:
+    """A fresh verifier seed for a session re-opened after n_committed ids (never reuses the
+    random stream of the lost session, so later tokens stay independent of earlier ones)."""
+    state = np.random.SeedSequence([seed, n_committed]).generate_state(1, np.uint64)
+    return int(state[0] >> np.uint64(1))
 
 
 class VerifySession:
@@ -132,7 +140,14 @@ class VerifySession:
         self.version += 1
         self.last_full = rnd.k > 0 and verdict.n_accepted == rnd.k
         self.last_used = time.monotonic()
-        return Outcome(self.version, False, verdict.n_accepted, verdict.next_token, verdict.chain)
+        return Outcome(
+            self.version,
+            False,
+            verdict.n_accepted,
+            verdict.next_token,
+            verdict.chain,
+            tuple(accepted),
+        )
 
     def dropped(self) -> Outcome:
         self.last_full = False  # the guess failed; the next round must not be pipelined on it
@@ -203,7 +218,13 @@ class LocalVerifier(Verifier):
         out = s.apply(self.target, rnd, logits)
         fut.set_result(
             Outcome(
-                out.version, False, out.n_accepted, out.next_token, out.chain, t_verify=t_verify
+                out.version,
+                False,
+                out.n_accepted,
+                out.next_token,
+                out.chain,
+                out.accepted,
+                t_verify=t_verify,
             )
         )
         return fut

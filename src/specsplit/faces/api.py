@@ -126,3 +126,78 @@ class SpeculativeDecoder:
     def stream(self, prompt: str | list[dict[str, str]] | Sequence[int], **kw) -> Iterator[Chunk]:
         """Generate, yielding chunks of text; the last chunk carries the result."""
         return self.engine.stream(self.request(prompt, **kw))
+
+
+def load_tokenizer(ref: str):  # noqa: ANN201
+    """The tokenizer of a model name or .gguf path, without loading its weights."""
+    from specsplit.backends.gguf_tokenizer import GGUFTokenizer
+    from specsplit.registry import resolve_gguf
+
+    return GGUFTokenizer(resolve_gguf(ref))
+
+
+class EdgeDecoder(SpeculativeDecoder):
+    """The edge half: drafts here, verifies on a specsplit server (``servers``, in order of
+    preference; the next one takes over if one fails)."""
+
+    def __init__(
+        self,
+        servers: Sequence[str],
+        draft: DraftSpec = DEFAULT_DRAFT,
+        *,
+        tokenizer_of: str = DEFAULT_TARGET,
+        draft_backend: str = DEFAULT_DRAFT_BACKEND,
+        draft_device: str = "cpu",
+        draft_threads: int | None = None,
+        k: int | None = None,
+        n_ctx: int | None = 4096,
+        chat: bool = True,
+        auth_token: str | None = None,
+        tls_ca_file: str | None = None,
+        top_m: int = 64,
+        warm_up: bool = True,
+    ) -> None:
+        from specsplit.engine.speculative import DecodeLoop, default_policy
+        from specsplit.transport.client import RemoteVerifier
+
+        if isinstance(draft, str) and draft not in ("ngram", "none"):
+            draft = load_backend(
+                draft_backend, draft, device=draft_device, threads=draft_threads, n_ctx=n_ctx
+            )
+        proposer: Proposer | None
+        if isinstance(draft, Backend):  # sampled drafts cross the wire quantized
+            proposer = DraftModelProposer(draft, top_m=top_m, quantize=True)
+        elif draft == "ngram":
+            proposer = NGramProposer()
+        else:
+            proposer = draft if isinstance(draft, Proposer) else None
+        tokenizer = (
+            proposer.backend.tokenizer
+            if isinstance(proposer, DraftModelProposer)
+            else load_tokenizer(tokenizer_of)
+        )
+        self.verifier = RemoteVerifier(
+            servers, tokenizer, auth_token=auth_token, tls_ca_file=tls_ca_file
+        )
+        self.proposers = [proposer] if proposer is not None else []
+        self.policy = default_policy(self.proposers, k, 16)
+        self.engine = DecodeLoop(self.verifier, self.proposers, self.policy)  # type: ignore[assignment]
+        self.target = _TokenizerOnly(tokenizer)  # type: ignore[assignment]
+        self.chat = chat
+        if warm_up:
+            for p in self.proposers:
+                p.warm_up([tokenizer.bos_token_id or 0] * 32)
+            if hasattr(self.policy, "draft_per_token"):
+                self.policy.draft_per_token = sum(p.cost_per_token for p in self.proposers)
+            if hasattr(self.policy, "round_overhead"):
+                self.policy.round_overhead = self.verifier.rtt
+
+    def close(self) -> None:
+        self.verifier.shutdown()
+
+
+class _TokenizerOnly:
+    """What ``SpeculativeDecoder.encode_prompt`` needs of a target: its tokenizer."""
+
+    def __init__(self, tokenizer) -> None:  # noqa: ANN001
+        self.tokenizer = tokenizer

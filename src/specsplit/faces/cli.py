@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from specsplit.errors import ConfigError, SpecsplitError
+from specsplit.errors import ConfigError, Interrupted, SpecsplitError
 from specsplit.faces.settings import GenerateSettings, add_arguments, from_namespace
 from specsplit.sampling import SamplingParams
 
@@ -44,6 +45,8 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
     if s.n_ctx < 16:
         raise ConfigError(f"--n-ctx must be >= 16, got {s.n_ctx}")
+    if s.server:
+        return _generate_remote(ns, s, k)
     decoder = SpeculativeDecoder(
         s.target,
         s.draft or [DEFAULT_DRAFT],
@@ -67,16 +70,31 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         seed=s.seed,
         stop=s.stop or (),
     )
-    text_out = sys.stderr if s.json else sys.stdout
+    _print_stream(decoder.engine.stream(req), s.json)
+    return 0
+
+
+def _print_stream(chunks, as_json: bool) -> None:  # noqa: ANN001
+    """Stream text to stdout (stderr with --json); then the statistics."""
+    text_out = sys.stderr if as_json else sys.stdout
     result = None
-    for chunk in decoder.engine.stream(req):
-        text_out.write(chunk.text)
-        text_out.flush()
-        result = chunk.result or result
+    try:
+        for chunk in chunks:
+            text_out.write(chunk.text)
+            text_out.flush()
+            result = chunk.result or result
+    except Interrupted as e:
+        text_out.write("\n")
+        if as_json:
+            sys.stdout.write(
+                json.dumps({"text": e.text, "token_ids": e.token_ids, "error": str(e)})
+            )
+            sys.stdout.write("\n")
+        raise
     text_out.write("\n")
     assert result is not None
     st = result.stats
-    if s.json:
+    if as_json:
         record = {
             "text": result.text,
             "token_ids": result.token_ids,
@@ -86,6 +104,78 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         sys.stdout.write(json.dumps(record) + "\n")
     else:
         print(_summary(st), file=sys.stderr)
+
+
+def _generate_remote(ns: argparse.Namespace, s: GenerateSettings, k: int | None) -> int:
+    """Edge mode (a local drafter, verification on the server) or cloud-only (--draft none)."""
+    from specsplit.faces.api import DEFAULT_DRAFT, EdgeDecoder
+
+    token = Path(s.auth_token_file).read_text().strip() if s.auth_token_file else None
+    drafts = s.draft or [DEFAULT_DRAFT]
+    if len(drafts) > 1:
+        raise ConfigError("with --server, give one --draft (others may join the session)")
+    if drafts[0] == "none":
+        return _generate_cloud(ns, s, token)
+    decoder = EdgeDecoder(
+        s.server,
+        drafts[0],
+        tokenizer_of=s.target,
+        draft_backend=s.draft_backend,
+        draft_device=s.draft_device,
+        draft_threads=s.draft_threads,
+        k=k,
+        n_ctx=s.n_ctx,
+        chat=not s.no_chat,
+        auth_token=token,
+        tls_ca_file=s.tls_ca,
+    )
+    try:
+        req = decoder.request(
+            ns.prompt,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            seed=s.seed,
+            stop=s.stop or (),
+        )
+        _print_stream(decoder.engine.stream(req), s.json)
+    finally:
+        decoder.close()
+    return 0
+
+
+def _generate_cloud(ns: argparse.Namespace, s: GenerateSettings, token: str | None) -> int:
+    """The server generates alone and streams; the client needs no model."""
+    from specsplit.faces.api import load_tokenizer
+    from specsplit.transport.client import generate_cloud
+
+    tok = load_tokenizer(s.target)
+    params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
+    text_out = sys.stderr if s.json else sys.stdout
+    last = None
+    for chunk in generate_cloud(
+        s.server[0],
+        tok.fingerprint(),
+        prompt=ns.prompt,
+        max_new_tokens=s.max_new_tokens,
+        params=params,
+        seed=s.seed,
+        stop=s.stop or (),
+        server_draft=s.server_draft,
+        auth_token=token,
+        tls_ca_file=s.tls_ca,
+    ):
+        text_out.write(chunk.text)
+        text_out.flush()
+        last = chunk
+    text_out.write("\n")
+    stats = json.loads(last.stats_json) if last is not None and last.stats_json else {}
+    if s.json:
+        sys.stdout.write(json.dumps({"finish_reason": last.finish_reason, **stats}) + "\n")
+    else:
+        print(json.dumps(stats), file=sys.stderr)
     return 0
 
 
@@ -113,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("action", choices=["list", "fetch"])
     m.add_argument("names", nargs="*", help="model names to fetch")
     m.set_defaults(func=cmd_models)
+    from specsplit.faces.serve import add_serve_parser
+
+    add_serve_parser(sub)
     try:
         from specsplit.faces.bench import add_bench_parser
 

@@ -55,6 +55,16 @@ class GenerateSettings:
     no_chat: bool = _f(
         False, "send the prompt as raw text, without the model's chat template", action="store_true"
     )
+    server: list[str] = _f(
+        None,
+        "HOST:PORT of a specsplit server: draft here, verify there (repeat: fallbacks in order)",
+        action="append",
+    )
+    auth_token_file: str | None = _f(None, "file with the bearer token the server wants")
+    tls_ca: str | None = _f(None, "PEM root certificate: talk TLS to the server")
+    server_draft: bool = _f(
+        False, "with --server and --draft none: let the server speculate alone", action="store_true"
+    )
     json: bool = _f(
         False,
         "print one JSON object with the text and statistics as the last line",

@@ -9,7 +9,14 @@ import numpy as np
 
 from specsplit.backends.base import Backend
 from specsplit.proposers.base import Draft, Proposer
-from specsplit.sampling import SamplingParams, logits_to_probs, sample, truncate_top_m
+from specsplit.sampling import (
+    SamplingParams,
+    dequantize,
+    logits_to_probs,
+    quantize,
+    sample,
+    truncate_top_m,
+)
 
 
 class DraftModelProposer(Proposer):
@@ -19,10 +26,11 @@ class DraftModelProposer(Proposer):
     prefix each round, so rejected draft tokens are rolled back with ``truncate``.
     """
 
-    def __init__(self, backend: Backend, top_m: int = 0) -> None:
+    def __init__(self, backend: Backend, top_m: int = 0, quantize: bool = False) -> None:
         self.backend = backend
         self.name = f"draft:{backend.name}"
         self.top_m = top_m  # truncate q to its top-m tokens before sampling (0 = off)
+        self.quantize = quantize  # sample from q quantized to counts / 2**16 (sent on the wire)
         self._seq = backend.new_sequence()
         self._fed: list[int] = []  # tokens in the drafter's KV cache, in order
 
@@ -55,7 +63,11 @@ class DraftModelProposer(Proposer):
             if params.greedy:
                 tokens.append(int(np.argmax(logits)))
             else:
-                q = truncate_top_m(logits_to_probs(logits, params), self.top_m)  # [V]
+                probs = logits_to_probs(logits, params)  # [V]
+                if self.quantize:
+                    q = dequantize(*quantize(probs, self.top_m), probs.shape[-1])
+                else:
+                    q = truncate_top_m(probs, self.top_m)
                 tokens.append(sample(q, rng))
                 q_rows.append(q)
             if i + 1 < k:

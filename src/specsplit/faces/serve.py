@@ -1,0 +1,154 @@
+"""`specsplit serve`: the target on a server, verifying drafts from many users over gRPC."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import signal
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from specsplit.errors import ConfigError
+from specsplit.faces.settings import _f, add_arguments, from_namespace
+
+SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'512MiB', '2GB', '1.5G', '4096' -> bytes (KiB/MiB/GiB binary, KB/MB/GB decimal)."""
+    m = SIZE.match(text)
+    if not m:
+        raise ConfigError(f"--kv-budget must be a size like 512MiB or 2GB, got {text!r}")
+    unit = (m.group(2) or "").lower().rstrip("b")
+    mult = (1024 if unit.endswith("i") else 1000) ** ("kmgt".index(unit[0]) + 1) if unit else 1
+    return int(float(m.group(1)) * mult)
+
+
+@dataclass
+class ServeSettings:
+    """Everything `specsplit serve` accepts."""
+
+    target: str = _f("qwen2.5-coder-1.5b", "target model: a registry name, .gguf path or folder")
+    target_backend: str = _f("torch", "backend of the target", choices=("torch", "llama.cpp"))
+    device: str = _f("cpu", "device of the target: cpu, cuda, cuda:N")
+    threads: int | None = _f(None, "CPU threads for the target (default: all cores)", type=int)
+    n_ctx: int = _f(4096, "context length per session", type=int)
+    host: str = _f("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
+    port: int = _f(50051, "gRPC port (0: any free port, printed at start)", type=int)
+    http_port: int | None = _f(
+        None,
+        "port of the OpenAI-style HTTP face with /health and /metrics (off if unset)",
+        type=int,
+    )
+    auth_token_file: str | None = _f(None, "file with the bearer token clients must send")
+    tls_cert: str | None = _f(None, "PEM certificate chain (with --tls-key: gRPC over TLS)")
+    tls_key: str | None = _f(None, "PEM private key")
+    max_sessions: int = _f(64, "most open sessions", type=int)
+    max_batch: int = _f(8, "most sessions verified in one target pass (1: no batching)", type=int)
+    max_draft: int = _f(16, "most draft tokens per round", type=int)
+    kv_budget: str | None = _f(None, "KV cache budget for all sessions, e.g. 2GiB (none if unset)")
+    idle_timeout: float = _f(300.0, "seconds before an idle session is closed", type=float)
+    rate: float = _f(200.0, "rounds per second per client (0: no limit)", type=float)
+    draft: str = _f(
+        "ngram", "the server's own drafter for the HTTP face and Generate: ngram, none or a model"
+    )
+    draft_backend: str = _f("llama.cpp", "backend of the server's draft model")
+
+
+def _read_secret(path: str | None) -> str | None:
+    if path is None:
+        return None
+    token = Path(path).read_text().strip()
+    if not token:
+        raise ConfigError(f"the auth token file {path} is empty")
+    return token
+
+
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from specsplit.backends.load import load_backend
+    from specsplit.faces.api import make_proposer
+    from specsplit.proposers.ngram import NGramProposer
+    from specsplit.transport.server import ServerConfig, SpecsplitServer
+
+    s: ServeSettings = from_namespace(ns, ServeSettings)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    config = ServerConfig(
+        host=s.host,
+        port=s.port,
+        http_port=s.http_port,
+        auth_token=_read_secret(s.auth_token_file),
+        tls_cert=Path(s.tls_cert).read_bytes() if s.tls_cert else None,
+        tls_key=Path(s.tls_key).read_bytes() if s.tls_key else None,
+        max_sessions=s.max_sessions,
+        max_batch=s.max_batch,
+        max_draft=s.max_draft,
+        kv_budget=parse_size(s.kv_budget) if s.kv_budget else None,
+        idle_timeout=s.idle_timeout,
+        rate=s.rate or None,
+    )
+    if s.target_backend == "llama.cpp":
+        from specsplit.backends.llamacpp_backend import LlamaCppBackend
+
+        target = LlamaCppBackend.load(
+            s.target,
+            n_ctx=s.n_ctx,
+            threads=s.threads,
+            n_seq_max=min(s.max_sessions, 200),
+            gpu_layers=-1 if s.device.startswith("cuda") else 0,
+        )
+    else:
+        target = load_backend("torch", s.target, device=s.device, threads=s.threads, n_ctx=s.n_ctx)
+    if s.draft == "none":
+        make = list
+    elif s.draft == "ngram":
+        make = lambda: [NGramProposer()]  # noqa: E731
+    else:
+        shared = make_proposer(s.draft, target, s.draft_backend, s.device, s.threads)
+        lock = threading.Lock()
+        make = lambda: [_Locked(shared, lock)]  # noqa: E731
+    server = SpecsplitServer(target, s.target, config, make)
+    server.start()
+    print(f"specsplit serving {s.target} on {s.host}:{server.port}", file=sys.stderr, flush=True)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    print("shutting down (rounds in flight finish first)", file=sys.stderr, flush=True)
+    server.stop(grace=5.0)
+    return 0
+
+
+class _Locked:
+    """A shared drafter used by one request at a time."""
+
+    def __init__(self, proposer, lock: threading.Lock) -> None:  # noqa: ANN001
+        self.p, self.lock = proposer, lock
+        self.name = proposer.name
+
+    @property
+    def cost_per_token(self) -> float:
+        return self.p.cost_per_token
+
+    def propose(self, context, k, params, rng):  # noqa: ANN001, ANN201
+        with self.lock:
+            return self.p.propose(context, k, params, rng)
+
+    def warm_up(self, context) -> None:  # noqa: ANN001
+        with self.lock:
+            self.p.warm_up(context)
+
+    def reset(self) -> None:
+        return None
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve the target: verify drafts from edge clients over gRPC")
+    add_arguments(p, ServeSettings)
+    p.set_defaults(func=cmd_serve)

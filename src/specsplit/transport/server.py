@@ -1,0 +1,227 @@
+"""The specsplit server: the gRPC verification service and the HTTP face over one scheduler.
+
+``SpecsplitServer(target, ...)`` owns a ``BatchScheduler`` on the target, serves
+``proto/specsplit.proto`` on a gRPC port (optionally TLS, optionally a bearer token) and the
+OpenAI-style HTTP face with ``/health`` and Prometheus ``/metrics`` on an HTTP port, where
+the server drafts for itself (n-gram or a draft model it loads).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+
+from specsplit.backends.base import Backend
+from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
+from specsplit.engine.speculative import DecodeLoop, GenerationRequest, calibrate
+from specsplit.errors import ConfigError
+from specsplit.proposers.base import Proposer
+from specsplit.transport.client import MAX_MESSAGE
+from specsplit.transport.http_face import HTTPFace
+from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
+from specsplit.transport.service import VerifierService
+
+log = logging.getLogger("specsplit.server")
+
+
+@dataclass
+class ServerConfig:
+    """Where to listen and the limits (``specsplit serve --help`` says each)."""
+
+    host: str = "127.0.0.1"
+    port: int = 50051  # gRPC; 0 = any free port
+    http_port: int | None = None  # the HTTP face; None = off, 0 = any free port
+    auth_token: str | None = None
+    tls_cert: bytes | None = None
+    tls_key: bytes | None = None
+    max_sessions: int = 64
+    max_batch: int = 8
+    max_draft: int = 16
+    kv_budget: int | None = None  # bytes of KV cache, all sessions together
+    idle_timeout: float = 300.0
+    rate: float | None = 200.0  # rounds per second per client
+    prefill_chunk: int = 256
+    batch_window: float = 0.005
+    calibrate: bool = True  # measure target pass costs at start (sent in the handshake)
+
+
+class _Auth(grpc.ServerInterceptor):
+    """Refuses every RPC without ``authorization: Bearer <token>``."""
+
+    def __init__(self, token: str) -> None:
+        self.expected = f"Bearer {token}"
+
+        def deny(request: object, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
+
+        self._deny = deny
+
+    def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
+        got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
+        if hmac.compare_digest(got.encode(), self.expected.encode()):
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(self._deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(self._deny)
+        return grpc.unary_unary_rpc_method_handler(self._deny)
+
+
+class SpecsplitServer:
+    """A running server: ``start()``, then ``stop()`` (graceful)."""
+
+    def __init__(
+        self,
+        target: Backend,
+        target_name: str,
+        config: ServerConfig | None = None,
+        make_proposers: Callable[[], Sequence[Proposer]] = list,
+    ) -> None:
+        self.config = c = config or ServerConfig()
+        if (c.tls_cert is None) != (c.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        self.target = target
+        shape = calibrate(target, [target.tokenizer.bos_token_id or 0] * 32) if c.calibrate else {}
+        self.scheduler = BatchScheduler(
+            target,
+            max_batch=c.max_batch,
+            max_sessions=c.max_sessions,
+            max_draft=c.max_draft,
+            kv_budget=c.kv_budget,
+            prefill_chunk=c.prefill_chunk,
+            batch_window=c.batch_window,
+            idle_timeout=c.idle_timeout,
+            cost_shape=shape,
+        )
+        self.service = VerifierService(
+            self.scheduler, target_name, make_proposers=make_proposers, rate=c.rate
+        )
+        self.make_proposers = make_proposers
+        self.grpc: grpc.Server | None = None
+        self.http: HTTPFace | None = None
+        self.port = c.port
+        self.stopped = threading.Event()
+
+    def start(self) -> None:
+        c = self.config
+        self.scheduler.start()
+        self.grpc = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2 * c.max_sessions + 8),
+            interceptors=[_Auth(c.auth_token)] if c.auth_token else [],
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.keepalive_time_ms", 20_000),
+                ("grpc.keepalive_timeout_ms", 10_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ],
+            maximum_concurrent_rpcs=c.max_sessions + 8,
+        )
+        pb_grpc.add_VerifierServicer_to_server(self.service, self.grpc)
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert is not None:
+            creds = grpc.ssl_server_credentials([(c.tls_key, c.tls_cert)])
+            self.port = self.grpc.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc.add_insecure_port(address)
+        if self.port == 0:
+            raise ConfigError(f"could not listen on {address}")
+        self.grpc.start()
+        if c.http_port is not None:
+            self.http = HTTPFace(
+                self._generate,
+                self.target.tokenizer,
+                self.service.target_name,
+                host=c.host,
+                port=c.http_port,
+                auth_token=c.auth_token,
+                n_ctx=self.target.n_ctx,
+                metrics=self.metrics_text,
+                health=self.health,
+                concurrency=None,  # every request is its own session of the scheduler
+            )
+            self.http.start()
+        log.info(
+            "serving target=%s grpc=%s:%d http=%s tls=%s auth=%s",
+            self.service.target_name,
+            c.host,
+            self.port,
+            self.http.port if self.http else "off",
+            c.tls_cert is not None,
+            c.auth_token is not None,
+        )
+
+    def _generate(self, req: GenerationRequest):  # noqa: ANN202
+        """The HTTP face's generate function: a session of the scheduler, server drafting."""
+        return DecodeLoop(ScheduledVerifier(self.scheduler), self.make_proposers()).stream(req)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking new work, let rounds in flight finish for ``grace`` seconds, then end."""
+        if self.http is not None:
+            self.http.stop()
+        if self.grpc is not None:
+            self.grpc.stop(grace).wait()
+        self.scheduler.stop()
+        self.stopped.set()
+
+    def health(self) -> dict:
+        return {
+            "target": self.service.target_name,
+            "sessions": len(self.scheduler.sessions),
+            "kv_bytes": self.scheduler.kv_bytes(),
+        }
+
+    def metrics_text(self) -> str:
+        """Prometheus text exposition of the server's counters."""
+        st, sch, ctr = self.scheduler.stats, self.scheduler, self.service.counters
+        lines: list[str] = []
+
+        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+            lines.append(f"# HELP specsplit_{name} {help_}")
+            lines.append(f"# TYPE specsplit_{name} {kind}")
+            lines.extend(f"specsplit_{name}{labels} {value:g}" for labels, value in samples)
+
+        queued = sum(len(s.jobs) for s in list(sch.sessions.values()))
+        metric("sessions", "gauge", "Open sessions.", [("", len(sch.sessions))])
+        metric("queue_rounds", "gauge", "Rounds waiting for a target pass.", [("", queued)])
+        metric("kv_bytes", "gauge", "Bytes of KV cache held.", [("", sch.kv_bytes())])
+        metric("kv_budget_bytes", "gauge", "KV budget (0: none).", [("", sch.kv_budget or 0)])
+        metric("passes_total", "counter", "Batched verification passes.", [("", st.passes)])
+        metric("rounds_total", "counter", "Rounds verified.", [("", st.rounds)])
+        metric(
+            "batch_size_passes_total",
+            "counter",
+            "Verification passes by batch size.",
+            [(f'{{size="{k}"}}', v) for k, v in sorted(st.batch_sizes.items())],
+        )
+        mean = st.rounds / st.passes if st.passes else 0.0
+        metric("batch_size_mean", "gauge", "Mean sessions per pass.", [("", mean)])
+        metric("dropped_rounds_total", "counter", "Pipelined rounds dropped.", [("", st.dropped)])
+        metric("draft_tokens_total", "counter", "Draft tokens verified.", [("", st.proposed)])
+        metric("accepted_tokens_total", "counter", "Draft tokens accepted.", [("", st.accepted)])
+        rate = st.accepted / st.proposed if st.proposed else 0.0
+        metric("acceptance_rate", "gauge", "Accepted / proposed draft tokens.", [("", rate)])
+        metric("emitted_tokens_total", "counter", "Tokens committed by rounds.", [("", st.emitted)])
+        metric(
+            "prefill_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prefill_tokens)]
+        )
+        metric("evictions_total", "counter", "Idle KV caches evicted.", [("", st.evictions)])
+        metric("verify_seconds_total", "counter", "Seconds in target passes.", [("", st.t_verify)])
+        metric("received_bytes_total", "counter", "gRPC message bytes in.", [("", ctr.bytes_in)])
+        metric("sent_bytes_total", "counter", "gRPC message bytes out.", [("", ctr.bytes_out)])
+        metric(
+            "refused_total",
+            "counter",
+            "RPCs refused, by status.",
+            [(f'{{code="{k}"}}', v) for k, v in sorted(ctr.refused.items())],
+        )
+        return "\n".join(lines) + "\n"

@@ -1,0 +1,150 @@
+"""Engine types <-> protocol messages, with every check a message from the network needs.
+
+A sampled draft token travels with the exact distribution it was sampled from, quantized
+(integer counts summing to 2**16 over the tokens it could have been; see
+``sampling.quantize``). A q that is not exactly representable is refused on the sending
+side: rounding it would break losslessness.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from specsplit.engine.verifier import Outcome
+from specsplit.errors import ConfigError
+from specsplit.proposers.base import Draft
+from specsplit.sampling import QUANT_BITS, SamplingParams
+from specsplit.transport.pb import specsplit_pb2 as pb
+
+PROTOCOL_VERSION = 1
+Q_TOTAL = 1 << QUANT_BITS
+MICROS = 1e6
+
+
+class ProtocolError(ConfigError):
+    """A message that breaks the protocol (refused with INVALID_ARGUMENT)."""
+
+
+# ---- sampling settings ----
+
+
+def sampling_to_pb(p: SamplingParams) -> pb.Sampling:
+    return pb.Sampling(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p, min_p=p.min_p)
+
+
+def sampling_from_pb(m: pb.Sampling) -> SamplingParams:
+    """Validated settings (top_p 0 means off, as an unset proto3 field reads 0)."""
+    return SamplingParams(
+        temperature=float(m.temperature),
+        top_k=int(m.top_k),
+        top_p=float(m.top_p) if m.top_p > 0 else 1.0,
+        min_p=float(m.min_p),
+    )
+
+
+# ---- drafts ----
+
+
+def q_row_to_pb(row: np.ndarray) -> pb.QRow:
+    """One q row [V] that is exactly counts / 2**16 -> its sparse message."""
+    ids = np.flatnonzero(row)
+    counts = row[ids] * Q_TOTAL
+    exact = np.rint(counts)
+    if np.abs(counts - exact).max(initial=0.0) > 1e-9 or int(exact.sum()) != Q_TOTAL:
+        raise ConfigError(
+            "a sampled draft must come from a quantized q to cross the network exactly "
+            "(use a drafter with quantize=True)"
+        )
+    return pb.QRow(ids=ids.tolist(), counts=exact.astype(np.int64).tolist())
+
+
+def drafts_to_pb(drafts: Sequence[Draft]) -> list[pb.Chain]:
+    chains = []
+    for d in drafts:
+        if not d.tokens:
+            continue
+        q = [] if d.q is None else [q_row_to_pb(d.q[i]) for i in range(len(d.tokens))]
+        chains.append(pb.Chain(tokens=[int(t) for t in d.tokens], q=q))
+    return chains
+
+
+def drafts_from_pb(
+    chains: Sequence[pb.Chain], vocab: int, max_tokens: int, greedy: bool
+) -> list[Draft]:
+    """Validated drafts; q rows dense [k, vocab] float64 (exactly counts / 2**16)."""
+    total = sum(len(c.tokens) for c in chains)
+    if total > max_tokens:
+        raise ProtocolError(f"{total} draft tokens in one round; the limit is {max_tokens}")
+    out = []
+    for c in chains:
+        toks = list(c.tokens)
+        if not toks:
+            raise ProtocolError("an empty draft chain")
+        if max(toks) >= vocab:
+            raise ProtocolError(f"draft token id {max(toks)} outside the vocabulary [0, {vocab})")
+        if greedy or not c.q:
+            if c.q:
+                raise ProtocolError("a greedy round carries token ids only")
+            out.append(Draft(toks))
+            continue
+        if len(c.q) != len(toks):
+            raise ProtocolError(f"{len(toks)} draft tokens but {len(c.q)} q rows")
+        q = np.zeros((len(toks), vocab), dtype=np.float64)  # [k, V]
+        for i, (row, x) in enumerate(zip(c.q, toks, strict=True)):
+            ids = np.asarray(row.ids, dtype=np.int64)
+            counts = np.asarray(row.counts, dtype=np.int64)
+            if len(ids) != len(counts) or len(ids) == 0:
+                raise ProtocolError("a q row needs as many counts as ids, at least one")
+            if ids.max() >= vocab or len(np.unique(ids)) != len(ids):
+                raise ProtocolError("q row ids must be distinct and inside the vocabulary")
+            if counts.min() < 1 or int(counts.sum()) != Q_TOTAL:
+                raise ProtocolError(f"q row counts must be >= 1 and sum to {Q_TOTAL}")
+            if x not in set(ids.tolist()):
+                raise ProtocolError("a draft token has probability 0 under its own q")
+            q[i, ids] = counts / float(Q_TOTAL)
+        out.append(Draft(toks, q))
+    return out
+
+
+# ---- verdicts ----
+
+
+def verdict_to_pb(o: Outcome, with_ids: bool) -> pb.Verdict:
+    return pb.Verdict(
+        version=o.version,
+        dropped=o.dropped,
+        n_accepted=o.n_accepted,
+        next_token=max(o.next_token, 0),
+        chain=o.chain,
+        accepted_ids=list(o.accepted or ()) if with_ids else [],
+        verify_micros=int(o.t_verify * MICROS),
+        queue_micros=int(o.t_queue * MICROS),
+        batch_size=o.batch_size,
+        load_micros=int(o.load * MICROS),
+    )
+
+
+def verdict_from_pb(m: pb.Verdict, chains: Sequence[Sequence[int]], pipelined: bool) -> Outcome:
+    """The outcome; accepted ids from the message, else from the chain the client sent."""
+    if m.accepted_ids or m.dropped:
+        accepted = tuple(m.accepted_ids)
+    elif chains:
+        if m.chain >= len(chains):
+            raise ProtocolError("the verdict names a chain that was not sent")
+        accepted = tuple(chains[m.chain][int(pipelined) :][: m.n_accepted])
+    else:
+        accepted = ()
+    return Outcome(
+        version=m.version,
+        dropped=m.dropped,
+        n_accepted=m.n_accepted,
+        next_token=m.next_token if not m.dropped else -1,
+        chain=m.chain,
+        accepted=accepted,
+        t_verify=m.verify_micros / MICROS,
+        t_queue=m.queue_micros / MICROS,
+        batch_size=m.batch_size,
+        load=m.load_micros / MICROS,
+    )
