@@ -230,12 +230,10 @@ class DecodeLoop:
                     stats.dropped += len(ahead.drafts[0].tokens)
                     stats.round_trips += 1
                     ahead = None  # the verifier drops it; the next round builds on the truth
-                followed = live[outcome.chain][int(cur.pipelined) :] if live else []
-                accepted = (
-                    list(outcome.accepted)
-                    if outcome.accepted is not None
-                    else followed[: outcome.n_accepted]
-                )
+                if outcome.accepted is not None:  # (the chain may be another drafter's)
+                    accepted = list(outcome.accepted)
+                else:
+                    accepted = live[outcome.chain][int(cur.pipelined) :][: outcome.n_accepted]
                 new, finish = self._cut([*accepted, outcome.next_token], budget, eos)
                 stats.record_round(k_used, outcome.n_accepted, len(new) + (finish == "eos"))
                 out += new

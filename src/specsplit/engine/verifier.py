@@ -16,6 +16,7 @@ client). All keep the same per-session state (``VerifySession``) and the same pr
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -89,6 +90,12 @@ class VerifySession:
         self.version = 0
         self.last_full = False  # the last round accepted every draft token
         self.last_used = time.monotonic()
+        self.lock = threading.Lock()  # tokens and version change together
+
+    def snapshot(self) -> tuple[list[int], int]:
+        """The committed ids and the version they belong to, read together."""
+        with self.lock:
+            return list(self.tokens), self.version
 
     @property
     def pending(self) -> int:
@@ -135,9 +142,10 @@ class VerifySession:
         assert self.seq is not None
         verdict, accepted = decide(rnd, logits, self.params, self.rng)
         commit(target, self.seq, self.cached, rnd, verdict)
-        self.tokens += [*accepted, verdict.next_token]
+        with self.lock:
+            self.tokens += [*accepted, verdict.next_token]
+            self.version += 1
         self.cached += 1 + len(accepted)
-        self.version += 1
         self.last_full = rnd.k > 0 and verdict.n_accepted == rnd.k
         self.last_used = time.monotonic()
         return Outcome(

@@ -359,3 +359,55 @@ def generate_cloud(
         raise err from None
     finally:
         channel.close()
+
+
+def join_and_draft(
+    server: str,
+    session_id: str,
+    join_token: str,
+    proposer,  # noqa: ANN001 - a Proposer
+    tokenizer: Tokenizer,
+    k: int = 4,
+    params: SamplingParams | None = None,
+    *,
+    auth_token: str | None = None,
+    seed: int = 0,
+) -> int:
+    """Join another client's session as one more drafter: draft k tokens for every round
+    until the session ends. Returns the rounds this drafter took part in."""
+    import numpy as np
+
+    link = _Link(server, tokenizer, auth_token, None, None, 10.0)
+    sendq: queue.Queue = queue.Queue()
+    sendq.put(
+        pb.ClientMsg(
+            open=pb.Open(
+                join_session_id=session_id,
+                join_token=join_token,
+                tokenizer_fingerprint=tokenizer.fingerprint(),
+            )
+        )
+    )
+    call = link.stub.Session(RemoteVerifier._requests(sendq), metadata=link.metadata)
+    rng = np.random.default_rng(seed)
+    params = params or SamplingParams()
+    rounds = 0
+    try:
+        opened = next(call).opened
+        committed, version = list(opened.committed_ids), opened.version
+        while True:
+            draft = proposer.propose(committed, k, params, rng)
+            chains = wire.drafts_to_pb([draft])
+            sendq.put(pb.ClientMsg(draft=pb.Draft(version=version, chains=chains)))
+            verdict = next(call).verdict
+            if verdict.dropped or verdict.version <= version:
+                continue  # a round already in the snapshot it joined with
+            committed += [*verdict.accepted_ids, verdict.next_token]
+            version = verdict.version
+            rounds += 1
+    except (StopIteration, grpc.RpcError):
+        return rounds  # the session ended
+    finally:
+        sendq.put(None)
+        call.cancel()
+        link.close()

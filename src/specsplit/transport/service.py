@@ -102,6 +102,7 @@ class Member:
 
     out: queue.Queue  # futures of outcomes (with the chains sent) to answer, in order
     joined: bool  # joined an existing session (needs the accepted ids)
+    snapshot: tuple[list[int], int] = ([], 0)  # committed ids and version when it joined
 
 
 class Hub:
@@ -115,33 +116,70 @@ class Hub:
         self._pending: dict[int, list[Draft]] = {}  # version -> drafts gathered
         self._from: dict[int, set[int]] = {}  # version -> ids of members that sent
         self._timers: dict[int, threading.Timer] = {}
+        self._early: dict[int, list[Draft]] = {}  # joiners' drafts before the owner's round
+        self._inflight = 0  # the owner's rounds at the scheduler while it drafts alone
+        self._inflight_lock = threading.Lock()
+        self._next = 0  # the lowest version not yet sent for verification (joined sessions)
+        self._rounds: dict[int, Future[Outcome]] = {}  # version -> its verdict, every member hears
 
     def join(self, joined: bool) -> Member:
+        """Add a client stream. A joining one starts hearing every round from now on; rounds
+        sent before it joined finish first, so a snapshot taken after this is consistent."""
         m = Member(queue.Queue(), joined)
         with self.lock:
             self.members.append(m)
+            for version in sorted(self._rounds):
+                m.out.put(self._rounds[version])
+        deadline = time.monotonic() + 10.0
+        while self._inflight and time.monotonic() < deadline:
+            time.sleep(0.005)
         return m
 
     def leave(self, m: Member) -> bool:
-        """Remove a member; True if it was the last one (the session then ends)."""
+        """Remove a member; True if the session should end (its owner or everyone left)."""
         with self.lock:
             if m in self.members:
                 self.members.remove(m)
-            return not self.members
+            return not m.joined or not self.members
+
+    def _single_done(self, _: Future) -> None:
+        with self._inflight_lock:
+            self._inflight -= 1
 
     def submit(self, m: Member, drafts: list[Draft], version: int, pipelined: bool) -> None:
+        """Queue a round. Alone, the owner's rounds go straight to the scheduler; with joined
+        drafters, the owner's draft opens the round and theirs join it (until JOIN_WAIT)."""
         with self.lock:
-            several = len(self.members) > 1
-        if not several:
-            m.out.put(self.scheduler.submit(self.served, drafts, version, pipelined))
-            return
-        if pipelined:
-            raise ConfigError("a session with several drafting clients cannot pipeline rounds")
-        with self.lock:
-            if version < self.served.state.version or id(m) in self._from.get(version, set()):
-                return  # a late draft: the round was verified without it (all hear the verdict)
-            self._pending.setdefault(version, []).extend(drafts)
+            if len(self.members) == 1:
+                fut = self.scheduler.submit(self.served, drafts, version, pipelined)
+                with self._inflight_lock:
+                    self._inflight += 1
+                fut.add_done_callback(self._single_done)
+                m.out.put(fut)
+                return
+            if pipelined:  # no drafting ahead with several drafters: answer "dropped", in order
+                dropped: Future[Outcome] = Future()
+                dropped.set_result(Outcome(version, True, 0, -1))
+                m.out.put(dropped)
+                return
+            if version < self._next or id(m) in self._from.get(version, set()):
+                return  # late: the round went to verification without this draft
             self._from.setdefault(version, set()).add(id(m))
+            if m.joined:
+                self._early.setdefault(version, []).extend(drafts)
+                if version not in self._rounds:
+                    return  # the owner has not sent this round yet
+            else:
+                if version in self._rounds:
+                    raise ConfigError(f"a second round at version {version}")
+                self._rounds[version] = Future()
+                for member in self.members:
+                    member.out.put(self._rounds[version])
+                self._pending[version] = [*drafts, *self._early.pop(version, [])]
+                for old in [v for v in self._early if v < version]:
+                    del self._early[old]
+            if m.joined:
+                self._pending[version].extend(self._early.pop(version, []))
             if len(self._from[version]) >= len(self.members):
                 self._fire(version)
             elif version not in self._timers:
@@ -159,16 +197,25 @@ class Hub:
         """Verify every drafter's draft of a round in one pass; every member hears it."""
         drafts = self._pending.pop(version)
         self._from.pop(version, None)
+        self._next = max(self._next, version + 1)  # later drafts for this version are late
         t = self._timers.pop(version, None)
         if t is not None:
             t.cancel()
+        out = self._rounds[version]
+
+        def done(f: Future[Outcome]) -> None:
+            with self.lock:
+                self._rounds.pop(version, None)
+            if f.exception() is not None:
+                out.set_exception(f.exception())
+            else:
+                out.set_result(f.result())
+
         try:
-            fut = self.scheduler.submit(self.served, drafts, version)
+            self.scheduler.submit(self.served, drafts, version).add_done_callback(done)
         except SpecsplitError as e:
-            fut = Future()
-            fut.set_exception(e)
-        for member in self.members:
-            member.out.put(fut)
+            self._rounds.pop(version, None)
+            out.set_exception(e)
 
 
 class VerifierService(pb_grpc.VerifierServicer):
@@ -262,8 +309,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         opened = pb.Opened(
             session_id=served.id,
             join_token=hub.join_token if not member.joined else "",
-            version=served.state.version,
-            committed_ids=served.state.tokens if member.joined else [],
+            version=member.snapshot[1] if member.joined else served.state.version,
+            committed_ids=member.snapshot[0] if member.joined else [],
             load_micros=int(self.scheduler.load_hint() * wire.MICROS),
         )
         yield self._out(pb.ServerMsg(opened=opened))
@@ -307,7 +354,9 @@ class VerifierService(pb_grpc.VerifierServicer):
             if not hmac.compare_digest(req.join_token, hub.join_token):
                 self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "wrong join token")
             self._check_client(req.tokenizer_fingerprint, context)
-            return hub, hub.join(joined=True)
+            member = hub.join(joined=True)
+            member.snapshot = hub.served.state.snapshot()
+            return hub, member
         self._check_client(req.tokenizer_fingerprint, context)
         try:
             params = wire.sampling_from_pb(req.sampling)

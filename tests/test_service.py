@@ -1,0 +1,252 @@
+"""The split system through a real gRPC server on loopback: exact tokens, distributions,
+many sessions batched, drafters joining a session, cloud-only generation, the HTTP face."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from collections import Counter
+
+import grpc
+import pytest
+
+from conftest import TinyTokenizer, perturbed, tiny_llama
+from specsplit.backends.byte_tokenizer import ByteTokenizer
+from specsplit.backends.torch_backend import TorchBackend
+from specsplit.engine.draft_length import AdaptiveK, FixedK
+from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
+from specsplit.proposers.draft_model import DraftModelProposer
+from specsplit.proposers.ngram import NGramProposer
+from specsplit.sampling import SamplingParams
+from specsplit.transport.client import RemoteVerifier, generate_cloud, join_and_draft
+from specsplit.transport.pb import specsplit_pb2 as pb
+from specsplit.transport.server import ServerConfig, SpecsplitServer
+from test_engine_exact import (
+    PROMPT,
+    SAMPLED_PROMPT,
+    N,
+    V,
+    _assert_matches,
+    _exact_joint,
+)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_llama(vocab=300, seed=0)
+    return target, perturbed(target, 0.08, seed=1), perturbed(target, 0.3, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer(300)
+
+
+@pytest.fixture(scope="module")
+def server(models, tok):
+    srv = SpecsplitServer(
+        TorchBackend(models[0], tok),
+        "tiny",
+        ServerConfig(port=0, http_port=0, rate=None, batch_window=0.02),
+        make_proposers=lambda: [NGramProposer()],
+    )
+    srv.start()
+    yield srv
+    srv.stop(grace=0)
+
+
+def _reference(models, tok, prompt=PROMPT, n=64):
+    return SpeculativeEngine(TorchBackend(models[0], tok)).generate(GenerationRequest(prompt, n))
+
+
+def _edge(server, tok, proposers, policy):
+    verifier = RemoteVerifier([f"127.0.0.1:{server.port}"], tok)
+    return DecodeLoop(verifier, proposers, policy), verifier
+
+
+@pytest.mark.parametrize(
+    "drafter,policy",
+    [("model", "k3"), ("model", "auto"), ("ngram", "k4"), ("two-models", "k2")],
+)
+def test_greedy_through_service_equals_target_greedy(drafter, policy, server, models, tok):
+    ref = _reference(models, tok)
+    d1 = DraftModelProposer(TorchBackend(models[1], tok))
+    proposers = {
+        "model": [d1],
+        "ngram": [NGramProposer()],
+        "two-models": [d1, DraftModelProposer(TorchBackend(models[2], tok))],
+    }[drafter]
+    pol = AdaptiveK(8) if policy == "auto" else FixedK(int(policy[1:]))
+    loop, verifier = _edge(server, tok, proposers, pol)
+    chunks = list(loop.stream(GenerationRequest(PROMPT, 64)))
+    res = chunks[-1].result
+    verifier.shutdown()
+    assert res.token_ids == ref.token_ids
+    assert "".join(c.text for c in chunks) == res.text == ref.text
+    st = res.stats
+    assert st.target_passes < 64  # speculation happened: fewer passes than tokens
+    assert st.bytes_sent > 0 and st.bytes_received > 0 and st.round_trips >= st.target_passes
+    if drafter == "model" and policy == "k3":
+        assert st.dropped > 0 and st.rejected_rounds > 0  # drafts ahead were made and dropped
+
+
+def test_pipelined_rounds_are_verified_when_the_round_before_passes(server, models, tok):
+    # the draft model equals the target: every round passes, every round drafted ahead counts
+    same = DraftModelProposer(TorchBackend(models[0], tok))
+    loop, verifier = _edge(server, tok, [same], FixedK(4))
+    before = server.scheduler.stats.dropped
+    res = loop.generate(GenerationRequest(PROMPT, 60))
+    verifier.shutdown()
+    assert res.token_ids == _reference(models, tok, n=60).token_ids
+    assert res.stats.acceptance_rate == 1.0
+    assert res.stats.dropped == 0 and server.scheduler.stats.dropped == before
+    assert res.stats.target_passes <= 60 // 5 + 1
+
+
+def test_sampled_tokens_through_service_follow_target_distribution():
+    params = SamplingParams(temperature=1.0, top_p=0.9)
+    target_model = tiny_llama(vocab=V, seed=3)
+    tok = TinyTokenizer(V)
+    srv = SpecsplitServer(
+        TorchBackend(target_model, tok), "tiny8", ServerConfig(port=0, rate=None, batch_window=0)
+    )
+    srv.start()
+    try:
+        draft = DraftModelProposer(
+            TorchBackend(perturbed(target_model, 0.5, seed=4), tok), quantize=True
+        )
+        loop, verifier = _edge(srv, tok, [draft], FixedK(2))
+        counts, accepted = Counter(), 0
+        for seed in range(N):
+            res = loop.generate(GenerationRequest(SAMPLED_PROMPT, 3, params, seed=seed))
+            counts[tuple(res.token_ids[:2])] += 1
+            accepted += res.stats.accepted
+        verifier.shutdown()
+    finally:
+        srv.stop(grace=0)
+    assert accepted > N * 0.3
+    _assert_matches(counts, _exact_joint(TorchBackend(target_model, tok), params))
+
+
+def test_concurrent_sessions_get_their_own_text_and_are_batched(server, models, tok):
+    prompts = [PROMPT[: 6 + 2 * i] for i in range(4)]
+    refs = [_reference(models, tok, p, 40).token_ids for p in prompts]
+    results: dict[int, list[int]] = {}
+    drafts = [perturbed(models[0], 0.08, seed=10 + i) for i in range(4)]
+    loops = [
+        _edge(server, tok, [DraftModelProposer(TorchBackend(d, tok))], FixedK(1 + i))
+        for i, d in enumerate(drafts)
+    ]
+    passes_before = dict(server.scheduler.stats.batch_sizes)
+
+    def run(i: int) -> None:
+        results[i] = loops[i][0].generate(GenerationRequest(prompts[i], 40)).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for _, v in loops:
+        v.shutdown()
+    assert [results.get(i) for i in range(4)] == refs
+    after = server.scheduler.stats.batch_sizes
+    batched = sum(n - passes_before.get(s, 0) for s, n in after.items() if s > 1)
+    assert batched > 0  # some passes verified several sessions of different lengths and K
+    assert 'specsplit_batch_size_passes_total{size="2"}' in server.metrics_text() or any(
+        f'size="{s}"' in server.metrics_text() for s in (3, 4)
+    )
+
+
+def test_a_second_drafter_joins_the_session(server, models, tok):
+    ref = _reference(models, tok, n=48)
+    owner_loop, owner = _edge(
+        server, tok, [DraftModelProposer(TorchBackend(models[2], tok))], FixedK(3)
+    )
+    stream = owner_loop.stream(GenerationRequest(PROMPT, 48))
+    first = next(stream)  # the session is open now; another process joins with its own model
+    rounds: list[int] = []
+    joiner = threading.Thread(
+        target=lambda: rounds.append(
+            join_and_draft(
+                f"127.0.0.1:{server.port}",
+                owner.session_id,
+                owner.join_token,
+                DraftModelProposer(TorchBackend(models[1], tok)),
+                tok,
+                k=3,
+            )
+        )
+    )
+    joiner.start()
+    time.sleep(0.5)
+    rest = list(stream)
+    owner.shutdown()
+    joiner.join(timeout=30)
+    ids = first.token_ids + [t for c in rest for t in c.token_ids]
+    assert ids == ref.token_ids
+    assert rounds and rounds[0] > 0  # the joined drafter's drafts were verified with the owner's
+
+
+def test_joining_needs_the_join_token(server, models, tok):
+    _, owner = _edge(server, tok, [], FixedK(0))
+    owner.open(PROMPT, SamplingParams(), 1)
+    with pytest.raises(grpc.RpcError) as e:
+        join_and_draft_raw(server, owner.session_id, "wrong", tok)
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    owner.shutdown()
+
+
+def join_and_draft_raw(server, session_id, token, tok):
+    v = RemoteVerifier([f"127.0.0.1:{server.port}"], tok)
+    msg = pb.ClientMsg(
+        open=pb.Open(
+            join_session_id=session_id, join_token=token, tokenizer_fingerprint=tok.fingerprint()
+        )
+    )
+    try:
+        return next(v.link.stub.Session(iter([msg]), timeout=10))
+    finally:
+        v.shutdown()
+
+
+def test_cloud_only_generate_equals_target(server, models, tok):
+    ref = _reference(models, tok, n=32)
+    chunks = list(
+        generate_cloud(
+            f"127.0.0.1:{server.port}", tok.fingerprint(), prompt_ids=PROMPT, max_new_tokens=32
+        )
+    )
+    assert [t for c in chunks for t in c.token_ids] == ref.token_ids
+    assert chunks[-1].finish_reason == "length"
+    stats = json.loads(chunks[-1].stats_json)
+    assert stats["draft_lengths"] == [0] * 32  # the server alone: no speculation
+    drafted = list(
+        generate_cloud(
+            f"127.0.0.1:{server.port}",
+            tok.fingerprint(),
+            prompt_ids=PROMPT,
+            max_new_tokens=32,
+            server_draft=True,
+        )
+    )
+    assert [t for c in drafted for t in c.token_ids] == ref.token_ids
+
+
+def test_http_face_on_the_server_drafts_for_itself(server, models, tok):
+    ref = _reference(models, tok, n=24)
+    body = json.dumps({"prompt": PROMPT, "max_tokens": 24, "temperature": 0}).encode()
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{server.http.port}/v1/completions",
+        body,
+        {"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as r:
+        out = json.loads(r.read())
+    assert out["choices"][0]["text"] == ref.text
+    assert out["usage"]["completion_tokens"] == 24
+    with urllib.request.urlopen(f"http://127.0.0.1:{server.http.port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert "specsplit_sessions" in text and "specsplit_acceptance_rate" in text
