@@ -3,14 +3,24 @@ PY ?= python3
 PIP = $(PY) -m pip
 PROMPT ?= Write a Python function that checks whether a number is prime, with a docstring and two examples.
 
-.PHONY: setup demo test test-slow lint bench
+.PHONY: setup demo demo-local test test-slow lint bench
+
+# llama.cpp built for any x86-64 with AVX2 (a -march=native build with AMX kernels crashes
+# where the kernel does not grant AMX state); rebuilt only if the installed one is not this
+LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
+	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
 setup:  ## install everything (the pinned CPU torch first, so no CUDA build is pulled)
 	$(PIP) install -q torch==2.13.0
+	$(PY) scripts/llama_cpp_ok.py || CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		$(PIP) install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
 	$(PIP) install -q -e ".[dev,bench]"
 
-demo: setup  ## speculative decoding on the default models, with its statistics
+demo: setup  ## a server with the target and an edge client on loopback, text streaming
 	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+	PY=$(PY) PROMPT="$(PROMPT)" bash scripts/demo.sh
+
+demo-local:  ## the same on one process (no server)
 	$(PY) -m specsplit.faces.cli generate "$(PROMPT)" --max-new-tokens 128
 
 test: setup  ## unit, exactness and integration tests (SmolLM2-135M); slow ones excluded

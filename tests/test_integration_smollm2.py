@@ -116,3 +116,30 @@ def test_measure_batched_vs_single(torch_target, llama_target):
         diff = float(np.abs(batched - single).max())
         print(f"{kind}: max |batched - single| = {diff:.3g}")
         assert diff < TOLERANCE[kind]
+
+
+# ---- through the service: a real gRPC server on loopback, a torch float32 target ----
+
+
+def test_greedy_through_service_equals_target_greedy(torch_target, layer_skip_draft):
+    from specsplit.engine.draft_length import FixedK
+    from specsplit.engine.speculative import DecodeLoop
+    from specsplit.transport.client import RemoteVerifier
+    from specsplit.transport.server import ServerConfig, SpecsplitServer
+
+    server = SpecsplitServer(torch_target, "smollm2-135m", ServerConfig(port=0, rate=None))
+    server.start()
+    try:
+        for text in PROMPTS[:2]:
+            prompt = _ids(torch_target, text)
+            ref = SpeculativeEngine(torch_target).generate(GenerationRequest(prompt, 48))
+            verifier = RemoteVerifier([f"127.0.0.1:{server.port}"], torch_target.tokenizer)
+            loop = DecodeLoop(verifier, [DraftModelProposer(layer_skip_draft)], FixedK(4))
+            got = loop.generate(GenerationRequest(prompt, 48))
+            verifier.shutdown()
+            assert got.stats.target_passes < len(got.token_ids)
+            _assert_equal_or_near_tie(
+                torch_target, prompt, ref.token_ids, got.token_ids, TOLERANCE["torch"]
+            )
+    finally:
+        server.stop(grace=0)

@@ -146,6 +146,7 @@ class RemoteVerifier(Verifier):
         self._call = None
         self._sendq: queue.Queue | None = None
         self._pending: deque[tuple[Future[Outcome], list[list[int]], bool]] = deque()
+        self._ended: SpecsplitError | None = None  # why the current stream ended, once it has
         self._lock = threading.Lock()
 
     # ---- connecting ----
@@ -202,6 +203,9 @@ class RemoteVerifier(Verifier):
         self, link: _Link, prompt_ids: Sequence[int], params: SamplingParams, seed: int
     ) -> None:
         self._sendq = queue.Queue()
+        pending: deque[tuple[Future[Outcome], list[list[int]], bool]] = deque()
+        with self._lock:  # each stream answers its own rounds only
+            self._pending, self._ended = pending, None
         first = pb.ClientMsg(
             open=pb.Open(
                 prompt_ids=[int(t) for t in prompt_ids],
@@ -223,7 +227,7 @@ class RemoteVerifier(Verifier):
         if msg.WhichOneof("msg") != "opened":
             raise SessionGone("the server did not answer Open with Opened")
         self.session_id, self.join_token = msg.opened.session_id, msg.opened.join_token
-        threading.Thread(target=self._read, args=(call,), daemon=True).start()
+        threading.Thread(target=self._read, args=(call, pending), daemon=True).start()
 
     @staticmethod
     def _requests(q: queue.Queue) -> Iterator[pb.ClientMsg]:
@@ -243,16 +247,16 @@ class RemoteVerifier(Verifier):
         with self._lock:
             self._bytes_in += msg.ByteSize() + GRPC_FRAME
 
-    def _read(self, call) -> None:
+    def _read(self, call, pending: deque) -> None:
         """Resolve pending rounds from the verdicts, in order (runs in its own thread)."""
         err: SpecsplitError = SessionGone("the server ended the session")
         try:
             for msg in call:
                 self._count_in(msg)
                 with self._lock:
-                    if not self._pending or msg.WhichOneof("msg") != "verdict":
+                    if not pending or msg.WhichOneof("msg") != "verdict":
                         continue
-                    fut, chains, pipelined = self._pending.popleft()
+                    fut, chains, pipelined = pending.popleft()
                 try:
                     fut.set_result(wire.verdict_from_pb(msg.verdict, chains, pipelined))
                 except SpecsplitError as e:
@@ -260,8 +264,11 @@ class RemoteVerifier(Verifier):
         except grpc.RpcError as e:
             err = _error(e)
         with self._lock:
-            pending, self._pending = list(self._pending), deque()
-        for fut, _, _ in pending:
+            if pending is self._pending:  # rounds submitted from now on fail at once
+                self._ended = err
+            left = list(pending)
+            pending.clear()
+        for fut, _, _ in left:
             if not fut.done():
                 fut.set_exception(err)
 
@@ -271,6 +278,9 @@ class RemoteVerifier(Verifier):
         chains = wire.drafts_to_pb(drafts)
         fut: Future[Outcome] = Future()
         with self._lock:
+            if self._ended is not None:  # the stream is gone: nobody would answer this round
+                fut.set_exception(self._ended)
+                return fut
             self._pending.append((fut, [list(c.tokens) for c in chains], pipelined))
         self._send(
             pb.ClientMsg(draft=pb.Draft(version=version, chains=chains, pipelined=pipelined))

@@ -1,0 +1,480 @@
+"""Benchmarks of the split system: round-trip times, server throughput, server memory.
+
+    python -m specsplit.faces.split_bench rtt --limit 5 --rtt 0,20,80
+    python -m specsplit.faces.split_bench throughput --clients 8
+    python -m specsplit.faces.split_bench memory --sessions 100 --kv-budget 256MiB
+
+The server runs in its own process (``specsplit serve``); round-trip times are emulated by a
+delaying TCP proxy (``transport.netshim``), which also counts the bytes on the wire.
+Results go to ``--out`` as JSON; the summary is printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from specsplit.proposers.base import Draft, Proposer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(args: Sequence[str], port: int, log: Path) -> subprocess.Popen:
+    """``specsplit serve`` in a subprocess; returns once it listens."""
+    cmd = [sys.executable, "-m", "specsplit.faces.cli", "serve", "--port", str(port), *args]
+    f = open(log, "w")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(cmd, stderr=f, stdout=f)
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: see {log}")
+        if "specsplit serving" in log.read_text():
+            return proc
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("server did not start in 600 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def rss_bytes(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process in bytes."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            fields[k] = int(v.split()[0]) * 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:  # noqa: ANN001
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    return tokenizer.encode(rendered, add_special=False)
+
+
+def prompts_of(ns: argparse.Namespace) -> list:
+    from specsplit.faces.prompts import load_humaneval, load_spec_bench
+
+    if ns.suite == "humaneval":
+        return load_humaneval(ns.limit)
+    return load_spec_bench(ns.questions, None, ns.limit)
+
+
+# ---- rtt: edge-cloud speculation vs cloud-only vs the target alone ----
+
+
+def cmd_rtt(ns: argparse.Namespace) -> dict:
+    from specsplit.backends.load import load_backend
+    from specsplit.engine.speculative import GenerationRequest, SpeculativeEngine
+    from specsplit.faces.api import EdgeDecoder
+    from specsplit.transport.client import generate_cloud
+    from specsplit.transport.netshim import DelayProxy
+
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    server = start_server(
+        ["--target", ns.target, "--target-backend", ns.target_backend, "--rate", "0"],
+        port,
+        out / "server.log",
+    )
+    try:
+        target = load_backend(ns.target_backend, ns.target, n_ctx=4096)
+        draft = load_backend(ns.draft_backend, ns.draft, n_ctx=4096)
+        local = SpeculativeEngine(target)
+        rtts = [float(x) for x in ns.rtt.split(",")]
+        proxies = {r: DelayProxy(("127.0.0.1", port), r / 2000).start() for r in rtts}
+        edges = {
+            r: EdgeDecoder([f"127.0.0.1:{proxies[r].port}"], draft, k=None, n_ctx=4096)
+            for r in rtts
+        }
+        fp = target.tokenizer.fingerprint()
+        prompts = prompts_of(ns)
+        warm = chat_ids(target.tokenizer, "Say hi.")
+        local.generate(GenerationRequest(warm, 4))
+        for r in rtts:
+            edges[r].engine.generate(GenerationRequest(warm, 8))
+            list(
+                generate_cloud(
+                    f"127.0.0.1:{proxies[r].port}", fp, prompt_ids=warm, max_new_tokens=4
+                )
+            )
+        records = []
+        for i, p in enumerate(prompts):
+            ids = chat_ids(target.tokenizer, p.text)
+            req = GenerationRequest(ids, ns.max_new_tokens)
+            rec: dict = {"id": p.id, "prompt_tokens": len(ids), "results": {}}
+            t0 = time.perf_counter()
+            ref = local.generate(req)
+            rec["results"]["target"] = {
+                "tokens_per_s": ref.stats.tokens_per_s,
+                "new_tokens": ref.stats.new_tokens,
+                "ttft_s": ref.stats.t_first_token,
+                "wall_s": time.perf_counter() - t0,
+            }
+            for r in rtts:
+                px = proxies[r]
+                px.reset_counters()
+                t0 = time.perf_counter()
+                chunks = list(
+                    generate_cloud(
+                        f"127.0.0.1:{px.port}", fp, prompt_ids=ids, max_new_tokens=ns.max_new_tokens
+                    )
+                )
+                wall = time.perf_counter() - t0
+                got = [t for c in chunks for t in c.token_ids]
+                rec["results"][f"cloud-only@{r:g}ms"] = {
+                    "tokens_per_s": len(got) / wall,
+                    "new_tokens": len(got),
+                    "wire_bytes_per_token": (px.bytes_up + px.bytes_down) / max(1, len(got)),
+                    "greedy_equal": got == ref.token_ids,
+                }
+                px.reset_counters()
+                res = edges[r].engine.generate(req)
+                st = res.stats
+                rec["results"][f"edge@{r:g}ms"] = {
+                    **{k: v for k, v in st.as_dict().items() if k != "draft_lengths"},
+                    "wire_bytes_up": px.bytes_up,
+                    "wire_bytes_down": px.bytes_down,
+                    "wire_bytes_per_token": (px.bytes_up + px.bytes_down) / max(1, st.new_tokens),
+                    "greedy_equal": res.token_ids == ref.token_ids,
+                }
+            records.append(rec)
+            print(f"[{i + 1}/{len(prompts)}] " + _line(rec), flush=True)
+        for e in edges.values():
+            e.close()
+        for px in proxies.values():
+            px.stop()
+    finally:
+        stop_server(server)
+    systems = list(records[0]["results"])
+    summary = {}
+    for s in systems:
+        tps = [r["results"][s]["tokens_per_s"] for r in records]
+        ratio = [
+            r["results"][s]["tokens_per_s"] / r["results"]["target"]["tokens_per_s"]
+            for r in records
+        ]
+        summary[s] = {
+            "median_tokens_per_s": statistics.median(tps),
+            "median_speedup_vs_target": statistics.median(ratio),
+            "median_wire_bytes_per_token": _med(records, s, "wire_bytes_per_token"),
+            "median_acceptance_rate": _med(records, s, "acceptance_rate"),
+            "greedy_equal": all(r["results"][s].get("greedy_equal", True) for r in records),
+        }
+    return {"config": _config(ns), "summary": summary, "prompts": records}
+
+
+def _med(records: list[dict], system: str, key: str) -> float | None:
+    xs = [r["results"][system][key] for r in records if key in r["results"][system]]
+    return statistics.median(xs) if xs else None
+
+
+def _line(rec: dict) -> str:
+    base = rec["results"]["target"]["tokens_per_s"]
+    return "  ".join(
+        f"{s} {r['tokens_per_s']:.2f} tok/s ({r['tokens_per_s'] / base:.2f}x)"
+        for s, r in rec["results"].items()
+    )
+
+
+def _config(ns: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(ns).items() if k != "func"}
+
+
+# ---- throughput: N replaying clients, batching on vs batch size 1 ----
+
+
+class RecordingProposer(Proposer):
+    """Wraps a drafter and records its drafts by the context they were made for."""
+
+    def __init__(self, inner: Proposer) -> None:
+        self.inner, self.name = inner, inner.name
+        self.drafts: dict[int, list[int]] = {}
+
+    def propose(self, context, k, params, rng) -> Draft:  # noqa: ANN001
+        d = self.inner.propose(context, k, params, rng)
+        self.drafts[len(context)] = list(d.tokens)
+        return d
+
+
+class ReplayProposer(Proposer):
+    """Sends the drafts recorded for a prompt (no model: the client costs no CPU)."""
+
+    name = "replay"
+
+    def __init__(self, drafts: dict[int, list[int]], text: list[int]) -> None:
+        self.drafts, self.text = drafts, text  # text: the recorded committed ids
+
+    def propose(self, context, k, params, rng) -> Draft:  # noqa: ANN001
+        n = len(context)
+        if list(context) != self.text[:n]:
+            return Draft([])  # the text moved off the recording (a near tie): plain decoding
+        return Draft(self.drafts.get(n, [])[:k])
+
+
+def record_drafts(ns: argparse.Namespace) -> list[dict]:
+    """Greedy speculative runs on this machine, keeping every draft (cached in --out)."""
+    from specsplit.backends.load import load_backend
+    from specsplit.engine.speculative import GenerationRequest, SpeculativeEngine
+    from specsplit.proposers.draft_model import DraftModelProposer
+
+    path = Path(ns.out) / "recorded_drafts.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    target = load_backend(ns.target_backend, ns.target, n_ctx=4096)
+    draft = DraftModelProposer(load_backend(ns.draft_backend, ns.draft, n_ctx=4096))
+    prompts = prompts_of(ns)[: ns.clients]
+    out = []
+    for p in prompts:
+        ids = chat_ids(target.tokenizer, p.text)
+        rec = RecordingProposer(draft)
+        res = SpeculativeEngine(target, [rec], k=ns.k).generate(
+            GenerationRequest(ids, ns.max_new_tokens)
+        )
+        out.append(
+            {
+                "prompt_ids": ids,
+                "output_ids": res.token_ids,
+                "drafts": {str(n): d for n, d in rec.drafts.items()},
+            }
+        )
+        print(
+            f"recorded {p.id}: {res.stats.new_tokens} tokens, acceptance {res.stats.acceptance_rate:.2f}",
+            flush=True,
+        )
+    target.close()
+    path.write_text(json.dumps(out))
+    return out
+
+
+def _client_run(address: str, tokenizer, rec: dict, k: int, max_new: int) -> dict:  # noqa: ANN001
+    from specsplit.engine.draft_length import FixedK
+    from specsplit.engine.speculative import DecodeLoop, GenerationRequest
+    from specsplit.transport.client import RemoteVerifier
+
+    drafts = {int(n): d for n, d in rec["drafts"].items()}
+    prop = ReplayProposer(drafts, rec["prompt_ids"] + rec["output_ids"])
+    verifier = RemoteVerifier([address], tokenizer)
+    loop = DecodeLoop(verifier, [prop], FixedK(k), pipeline=False)
+    t0 = time.perf_counter()
+    stamps, counts = [], []
+    result = None
+    for chunk in loop.stream(GenerationRequest(rec["prompt_ids"], max_new)):
+        stamps.append(time.perf_counter() - t0)
+        counts.append(len(chunk.token_ids))
+        result = chunk.result or result
+    verifier.shutdown()
+    gaps = []  # per token: the wait for the chunk it came in, shared by the chunk's tokens
+    for i in range(1, len(stamps)):
+        gaps += [(stamps[i] - stamps[i - 1]) / max(1, counts[i])] * max(1, counts[i])
+    return {
+        "new_tokens": result.stats.new_tokens,
+        "ttft_s": stamps[0] if stamps else None,
+        "total_s": stamps[-1] if stamps else None,
+        "tbt_s": gaps,
+        "target_passes": result.stats.target_passes,
+        "greedy_equal": result.token_ids == rec["output_ids"],
+    }
+
+
+def cmd_throughput(ns: argparse.Namespace) -> dict:
+    from specsplit.faces.api import load_tokenizer
+
+    recs = record_drafts(ns)
+    tokenizer = load_tokenizer(ns.target)
+    out = Path(ns.out)
+    results = {}
+    for max_batch in (int(x) for x in ns.batch.split(",")):
+        port, http_port = free_port(), free_port()
+        server = start_server(
+            [
+                "--target",
+                ns.target,
+                "--target-backend",
+                ns.target_backend,
+                "--rate",
+                "0",
+                "--max-batch",
+                str(max_batch),
+                "--max-sessions",
+                str(2 * ns.clients),
+                "--http-port",
+                str(http_port),
+            ],
+            port,
+            out / f"server_batch{max_batch}.log",
+        )
+        try:
+            address = f"127.0.0.1:{port}"
+            _client_run(address, tokenizer, recs[0], ns.k, 4)  # warm-up
+            before = _scrape(http_port)
+            per: list[dict | None] = [None] * len(recs)
+
+            def run(i: int, per: list = per, address: str = address) -> None:
+                per[i] = _client_run(address, tokenizer, recs[i], ns.k, ns.max_new_tokens)
+
+            t0 = time.perf_counter()
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(recs))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            wall = time.perf_counter() - t0
+            after = _scrape(http_port)
+        finally:
+            stop_server(server)
+        tokens = sum(p["new_tokens"] for p in per)
+        passes = after["passes_total"] - before["passes_total"]
+        tbt = [g for p in per for g in p["tbt_s"]]
+        results[f"max_batch={max_batch}"] = {
+            "clients": len(recs),
+            "wall_s": wall,
+            "server_tokens_per_s": tokens / wall,
+            "tokens": tokens,
+            "batched_passes": passes,
+            "target_passes_per_token": passes / tokens,
+            "mean_batch_size": (after["rounds_total"] - before["rounds_total"]) / max(1, passes),
+            "median_ttft_s": statistics.median(p["ttft_s"] for p in per),
+            "p50_tbt_s": float(np.percentile(tbt, 50)),
+            "p99_tbt_s": float(np.percentile(tbt, 99)),
+            "greedy_equal": [p["greedy_equal"] for p in per],
+        }
+        print(
+            f"max_batch={max_batch}: " + json.dumps(results[f"max_batch={max_batch}"]), flush=True
+        )
+    keys = list(results)
+    if len(keys) == 2:
+        a, b = results[keys[0]], results[keys[1]]
+        results["throughput_ratio"] = a["server_tokens_per_s"] / b["server_tokens_per_s"]
+    return {"config": _config(ns), "results": results}
+
+
+def _scrape(http_port: int) -> dict:
+    """Counters from the server's Prometheus page."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("specsplit_") and "{" not in line:
+            name, value = line.split()
+            out[name.removeprefix("specsplit_")] = float(value)
+    return out
+
+
+# ---- memory: idle sessions against weights + KV budget ----
+
+
+def cmd_memory(ns: argparse.Namespace) -> dict:
+    from specsplit.faces.api import load_tokenizer
+    from specsplit.faces.serve import parse_size
+    from specsplit.sampling import SamplingParams
+    from specsplit.transport.client import RemoteVerifier
+
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(ns.target)
+    port = free_port()
+    server = start_server(
+        [
+            "--target",
+            ns.target,
+            "--target-backend",
+            ns.target_backend,
+            "--rate",
+            "0",
+            "--max-sessions",
+            str(ns.sessions + 8),
+            "--kv-budget",
+            ns.kv_budget,
+        ],
+        port,
+        out / "server_memory.log",
+    )
+    try:
+        idle_rss, _ = rss_bytes(server.pid)
+        texts = [p.text for p in prompts_of(ns)]
+        verifiers = []
+        for i in range(ns.sessions):
+            v = RemoteVerifier([f"127.0.0.1:{port}"], tokenizer)
+            ids = chat_ids(tokenizer, texts[i % len(texts)])[: ns.prompt_tokens]
+            v.open(ids, SamplingParams(), i)
+            verifiers.append(v)
+        time.sleep(2)
+        rss, hwm = rss_bytes(server.pid)
+        for v in verifiers:
+            v.shutdown()
+    finally:
+        stop_server(server)
+    budget = parse_size(ns.kv_budget)
+    return {
+        "config": _config(ns),
+        "rss_loaded_idle_bytes": idle_rss,
+        "rss_with_sessions_bytes": rss,
+        "peak_rss_bytes": hwm,
+        "kv_budget_bytes": budget,
+        "sessions": ns.sessions,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="split_bench", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("rtt", "throughput", "memory"):
+        p = sub.add_parser(name)
+        p.add_argument("--target", default="qwen2.5-coder-1.5b")
+        p.add_argument("--target-backend", default="torch")
+        p.add_argument("--draft", default="qwen2.5-coder-0.5b")
+        p.add_argument("--draft-backend", default="llama.cpp")
+        p.add_argument("--suite", default="humaneval", choices=("humaneval", "spec-bench"))
+        p.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
+        p.add_argument("--limit", type=int, default=5)
+        p.add_argument("--max-new-tokens", type=int, default=64)
+        p.add_argument("--out", default=f"bench_runs/split_{name}")
+    sub.choices["rtt"].add_argument("--rtt", default="0,20,80", help="round-trip times in ms")
+    sub.choices["throughput"].add_argument("--clients", type=int, default=8)
+    sub.choices["throughput"].add_argument(
+        "--batch", default="8,1", help="max batch sizes to compare"
+    )
+    sub.choices["throughput"].add_argument("--k", type=int, default=4)
+    sub.choices["memory"].add_argument("--sessions", type=int, default=100)
+    sub.choices["memory"].add_argument("--kv-budget", default="256MiB")
+    sub.choices["memory"].add_argument("--prompt-tokens", type=int, default=48)
+    ns = ap.parse_args(argv)
+    if ns.cmd == "throughput":
+        ns.limit = max(ns.limit, ns.clients)
+    os.makedirs(ns.out, exist_ok=True)
+    doc = {"rtt": cmd_rtt, "throughput": cmd_throughput, "memory": cmd_memory}[ns.cmd](ns)
+    doc["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    path = Path(ns.out) / "results.json"
+    path.write_text(json.dumps(doc, indent=1))
+    print(json.dumps(doc.get("summary") or doc.get("results") or doc, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
