@@ -212,8 +212,9 @@ class DecodeLoop:
                 stats.t_queue += outcome.t_queue
                 t_round = 0.0  # network and queue time of the round (remote verifiers)
                 if self.verifier.remote and not cur.pipelined:  # (a pipelined one overlapped)
-                    t_round = max(0.0, wall - outcome.t_verify)
-                    stats.t_network += max(0.0, t_round - outcome.t_queue)
+                    t_net = max(0.0, wall - outcome.t_verify - outcome.t_queue)
+                    stats.t_network += t_net
+                    t_round = t_net + outcome.load  # the next round: this network, the queue now
                 elif isinstance(self.policy, AdaptiveK):
                     t_round = self.policy.round_overhead
                 self.policy.update(
