@@ -250,3 +250,41 @@ def test_http_face_on_the_server_drafts_for_itself(server, models, tok):
     with urllib.request.urlopen(f"http://127.0.0.1:{server.http.port}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert "specsplit_sessions" in text and "specsplit_acceptance_rate" in text
+
+
+def test_tls_and_auth_token(models, tok, tmp_path):
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    srv = SpecsplitServer(
+        TorchBackend(models[0], tok),
+        "tiny",
+        ServerConfig(
+            port=0, tls_cert=cert.read_bytes(), tls_key=key.read_bytes(), auth_token="s3cret"
+        ),
+    )
+    srv.start()
+    try:
+        address = [f"127.0.0.1:{srv.port}"]
+        v = RemoteVerifier(address, tok, tls_ca_file=str(cert), auth_token="s3cret")
+        loop = DecodeLoop(v, [NGramProposer()], FixedK(3))
+        assert (
+            loop.generate(GenerationRequest(PROMPT, 24)).token_ids
+            == _reference(models, tok, n=24).token_ids
+        )
+        v.shutdown()
+        with pytest.raises(Exception) as e:  # plaintext against a TLS port: no handshake
+            RemoteVerifier(address, tok, auth_token="s3cret", retry_for=0.5)
+        assert "no verification server answered" in str(e.value)
+    finally:
+        srv.stop(grace=0)

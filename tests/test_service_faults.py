@@ -32,8 +32,9 @@ from specsplit.engine.speculative import (
     GenerationResult,
     SpeculativeEngine,
 )
-from specsplit.errors import ConfigError, Interrupted
+from specsplit.errors import ConfigError, Interrupted, SessionGone
 from specsplit.proposers.draft_model import DraftModelProposer
+from specsplit.sampling import GREEDY
 from specsplit.transport import wire
 from specsplit.transport.client import RemoteVerifier
 from specsplit.transport.pb import specsplit_pb2 as pb
@@ -667,6 +668,22 @@ def test_failover_to_second_server(fresh_servers, model, draft_model, tok, refer
     wait_for(lambda: not b.scheduler.sessions, what="the resumed session to end")
 
 
+def test_round_after_the_stream_ended_fails_at_once(fresh_servers, tok):
+    """A round submitted once the session's stream has ended must fail (SessionGone, so the
+    loop resumes elsewhere), not wait forever for a verdict nobody will send."""
+    srv = fresh_servers()
+    v = RemoteVerifier([address(srv)], tok, timeout=5, retry_for=1)
+    try:
+        v.open(PROMPT, GREEDY, 1)
+        assert v.submit([], 0).result(timeout=10).version == 1
+        srv.stop(grace=0)
+        for _ in range(2):  # the first may still be queued on the dying stream; not the second
+            with pytest.raises(SessionGone):
+                v.submit([], 1).result(timeout=10)
+    finally:
+        v.shutdown()
+
+
 def test_no_server_comes_back(fresh_servers, model, draft_model, tok, reference):
     srv = fresh_servers(copy.deepcopy(model))
     want = reference(64).token_ids
@@ -844,53 +861,62 @@ def check_ended_well(got: tuple) -> None:
         assert details.strip() and "\n" not in details, repr(details)
 
 
-@settings(
-    max_examples=60,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(msgs=fuzz_sessions())
-def test_fuzz_session(fuzzed, msgs):
-    with Raw(fuzzed) as raw:
-        got = raw.session(msgs)
-    check_ended_well(got)
-    out, code, _ = got
-    verdicts = [m.verdict for m in out[1:]]
-    event(f"{code.name}, {min(len(verdicts), 2) if out else 'no'} verdicts")
-    if out:
-        assert out[0].WhichOneof("msg") == "opened" and out[0].opened.version == 0
-        assert all(m.WhichOneof("msg") == "verdict" for m in out[1:])
-    assert len(verdicts) <= sum(m.WhichOneof("msg") == "draft" for m in msgs)
-    version = 0
-    for v in verdicts:  # versions count the rounds verified; a dropped round changes nothing
-        assert v.version == version + (not v.dropped)
-        assert v.next_token < VOCAB
-        version = v.version
+FUZZ = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large],
+}
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-)
-@given(req=fuzz_generate())
-def test_fuzz_generate(fuzzed, reference, req):
-    with Raw(fuzzed) as raw:
-        got = raw.generate(req)
-    check_ended_well(got)
-    out, code, _ = got
-    event(code.name)
-    if code == grpc.StatusCode.OK:
-        assert out[-1].finish_reason in ("length", "stop", "eos")
-        assert all(not c.finish_reason for c in out[:-1])
-        ids = [t for c in out for t in c.token_ids]
-        assert len(ids) <= req.max_new_tokens
-        if list(req.prompt_ids) == PROMPT and req.sampling.temperature == 0 and not req.stop:
-            assert ids == reference(req.max_new_tokens).token_ids
+def test_fuzz_session(fuzzed, good):
+    """Random session streams end normally or with a chosen status; none leaks a session;
+    afterwards the server still serves a good session exactly."""
 
+    @settings(max_examples=60, **FUZZ)
+    @given(msgs=fuzz_sessions())
+    def one(msgs: list[pb.ClientMsg]) -> None:
+        with Raw(fuzzed) as raw:
+            got = raw.session(msgs)
+        check_ended_well(got)
+        out, code, _ = got
+        verdicts = [m.verdict for m in out[1:]]
+        event(f"{code.name}, {min(len(verdicts), 2) if out else 'no'} verdicts")
+        if out:
+            assert out[0].WhichOneof("msg") == "opened" and out[0].opened.version == 0
+            assert all(m.WhichOneof("msg") == "verdict" for m in out[1:])
+        assert len(verdicts) <= sum(m.WhichOneof("msg") == "draft" for m in msgs)
+        version = 0
+        for v in verdicts:  # versions count the rounds verified; a dropped one changes nothing
+            assert v.version == version + (not v.dropped)
+            assert v.next_token < VOCAB
+            version = v.version
 
-def test_server_serves_after_fuzz(fuzzed, good):
-    """Runs after the fuzz tests (file order): no session leaked, a good session is exact."""
-    wait_for(lambda: not fuzzed.scheduler.sessions, what="every fuzzed session to end")
+    one()
+    wait_for(
+        lambda: not fuzzed.scheduler.sessions and not fuzzed.service.hubs,
+        what="every fuzzed session to end",
+    )
     good(fuzzed)
-    assert not fuzzed.service.hubs
+
+
+def test_fuzz_generate(fuzzed, reference, good):
+    """Random Generate requests: refused with a chosen status or answered correctly."""
+
+    @settings(max_examples=25, **FUZZ)
+    @given(req=fuzz_generate())
+    def one(req: pb.GenerateRequest) -> None:
+        with Raw(fuzzed) as raw:
+            got = raw.generate(req)
+        check_ended_well(got)
+        out, code, _ = got
+        event(code.name)
+        if code == grpc.StatusCode.OK:
+            assert out[-1].finish_reason in ("length", "stop", "eos")
+            assert all(not c.finish_reason for c in out[:-1])
+            ids = [t for c in out for t in c.token_ids]
+            assert len(ids) <= req.max_new_tokens
+            if list(req.prompt_ids) == PROMPT and req.sampling.temperature == 0 and not req.stop:
+                assert ids == reference(req.max_new_tokens).token_ids
+
+    one()
+    wait_for(lambda: not fuzzed.scheduler.sessions, what="every generation to end")
+    good(fuzzed)

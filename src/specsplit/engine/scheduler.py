@@ -239,7 +239,12 @@ class BatchScheduler:
         batch = batch[: self.max_batch]
         if batch:
             self._verify(batch)
-        todo = [s for s in live if (not s.ready.done() or s.state.missing()) and not s.closed]
+        # new prompts, and evicted sessions that have a round waiting (rebuilt on demand)
+        todo = [
+            s
+            for s in live
+            if not s.closed and (not s.ready.done() or (s.jobs and s.state.missing()))
+        ]
         if todo:  # one prefill chunk per turn, round robin
             self._prefill(todo[next(self._rr) % len(todo)])
 
@@ -301,6 +306,10 @@ class BatchScheduler:
             except SpecsplitError as e:
                 job.future.set_exception(e)
                 continue
+            except Exception as e:  # a bug: answer the round, do not leave its client waiting
+                log.exception("planning a round failed")
+                job.future.set_exception(SessionGone(f"internal error: {type(e).__name__}"))
+                continue
             if rnd is None:
                 self.stats.dropped += 1
                 job.future.set_result(s.state.dropped())
@@ -333,7 +342,13 @@ class BatchScheduler:
         st.t_verify += t_pass
         st.last_pass = t_pass
         for (s, job, rnd), lg in zip(planned, logits, strict=True):
-            out = s.state.apply(self.target, rnd, lg)
+            try:
+                out = s.state.apply(self.target, rnd, lg)
+            except Exception as e:  # a bug: end this session, answer its client
+                log.exception("deciding a round failed")
+                job.future.set_exception(SessionGone(f"internal error: {type(e).__name__}"))
+                self._fail(s, e)
+                continue
             st.proposed += rnd.n_draft
             st.accepted += out.n_accepted
             st.emitted += out.n_accepted + 1

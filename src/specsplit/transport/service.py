@@ -306,6 +306,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         hub, member = self._open(first.open, context)
         served = hub.served
         context.add_callback(lambda: self._leave(hub, member, "client went away"))
+        if not context.is_active():  # it left before the callback was in place
+            self._leave(hub, member, "client went away")
+            return
         opened = pb.Opened(
             session_id=served.id,
             join_token=hub.join_token if not member.joined else "",
