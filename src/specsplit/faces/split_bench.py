@@ -88,6 +88,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
     from specsplit.backends.load import load_backend
     from specsplit.engine.speculative import GenerationRequest, SpeculativeEngine
     from specsplit.faces.api import EdgeDecoder
+    from specsplit.sampling import SamplingParams
     from specsplit.transport.client import generate_cloud
     from specsplit.transport.netshim import DelayProxy
 
@@ -123,7 +124,8 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
         records = []
         for i, p in enumerate(prompts):
             ids = chat_ids(target.tokenizer, p.text)
-            req = GenerationRequest(ids, ns.max_new_tokens)
+            params = SamplingParams(temperature=ns.temperature)
+            req = GenerationRequest(ids, ns.max_new_tokens, params, seed=i)
             rec: dict = {"id": p.id, "prompt_tokens": len(ids), "results": {}}
             t0 = time.perf_counter()
             ref = local.generate(req)
@@ -139,7 +141,12 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
                 t0 = time.perf_counter()
                 chunks = list(
                     generate_cloud(
-                        f"127.0.0.1:{px.port}", fp, prompt_ids=ids, max_new_tokens=ns.max_new_tokens
+                        f"127.0.0.1:{px.port}",
+                        fp,
+                        prompt_ids=ids,
+                        max_new_tokens=ns.max_new_tokens,
+                        params=params,
+                        seed=i,
                     )
                 )
                 wall = time.perf_counter() - t0
@@ -148,7 +155,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
                     "tokens_per_s": len(got) / wall,
                     "new_tokens": len(got),
                     "wire_bytes_per_token": (px.bytes_up + px.bytes_down) / max(1, len(got)),
-                    "greedy_equal": got == ref.token_ids,
+                    "greedy_equal": got == ref.token_ids if params.greedy else None,
                 }
                 px.reset_counters()
                 res = edges[r].engine.generate(req)
@@ -158,7 +165,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
                     "wire_bytes_up": px.bytes_up,
                     "wire_bytes_down": px.bytes_down,
                     "wire_bytes_per_token": (px.bytes_up + px.bytes_down) / max(1, st.new_tokens),
-                    "greedy_equal": res.token_ids == ref.token_ids,
+                    "greedy_equal": res.token_ids == ref.token_ids if params.greedy else None,
                 }
             records.append(rec)
             print(f"[{i + 1}/{len(prompts)}] " + _line(rec), flush=True)
@@ -181,7 +188,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
             "median_speedup_vs_target": statistics.median(ratio),
             "median_wire_bytes_per_token": _med(records, s, "wire_bytes_per_token"),
             "median_acceptance_rate": _med(records, s, "acceptance_rate"),
-            "greedy_equal": all(r["results"][s].get("greedy_equal", True) for r in records),
+            "greedy_equal": all(r["results"][s].get("greedy_equal") is not False for r in records),
         }
     return {"config": _config(ns), "summary": summary, "prompts": records}
 
@@ -455,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--max-new-tokens", type=int, default=64)
         p.add_argument("--out", default=f"bench_runs/split_{name}")
     sub.choices["rtt"].add_argument("--rtt", default="0,20,80", help="round-trip times in ms")
+    sub.choices["rtt"].add_argument("--temperature", type=float, default=0.0)
     sub.choices["throughput"].add_argument("--clients", type=int, default=8)
     sub.choices["throughput"].add_argument(
         "--batch", default="8,1", help="max batch sizes to compare"
