@@ -178,3 +178,64 @@ def test_generate_json_last_line_has_statistics():
         assert key in rec
     assert rec["new_tokens"] >= len(rec["token_ids"]) >= 1
     assert rec["text"] and rec["text"] in r.stderr  # streamed to the terminal too
+
+
+@pytest.mark.integration
+def test_serve_and_generate_with_server(tmp_path):
+    """`specsplit serve` in one process, `specsplit generate --server` in another: the text
+    equals the target's own greedy text; the statistics carry the wire figures; a wrong
+    token and a missing server are one-line errors."""
+    import signal
+    import socket
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "token").write_text("t0ken\n")
+    (tmp_path / "bad").write_text("wrong\n")
+    log = open(tmp_path / "server.log", "w")  # noqa: SIM115
+    server = subprocess.Popen(
+        [sys.executable, "-m", "specsplit.faces.cli", "serve", "--target", "smollm2-135m",
+         "--port", str(port), "--auth-token-file", str(tmp_path / "token")],
+        stdout=log, stderr=log, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while "specsplit serving" not in (tmp_path / "server.log").read_text():
+            assert server.poll() is None and time.time() < deadline, (
+                tmp_path / "server.log"
+            ).read_text()
+            time.sleep(0.5)
+        common = [
+            "Name three colours.",
+            "--target",
+            "smollm2-135m",
+            "--max-new-tokens",
+            "24",
+            "--json",
+        ]
+        local = run("generate", *common, "--draft", "none")
+        remote = run(
+            "generate", *common, "--server", f"127.0.0.1:{port}", "--draft", "smollm2-135m",
+            "--draft-backend", "torch", "--k", "3", "--auth-token-file", str(tmp_path / "token"),
+        )  # fmt: skip
+        assert local.returncode == 0 and remote.returncode == 0, remote.stderr
+        a = json.loads(local.stdout.strip().splitlines()[-1])
+        b = json.loads(remote.stdout.strip().splitlines()[-1])
+        assert b["token_ids"] == a["token_ids"]
+        assert b["bytes_sent"] > 0 and b["bytes_received"] > 0 and b["round_trips"] > 0
+        assert b["bytes_per_token"] == (b["bytes_sent"] + b["bytes_received"]) / b["new_tokens"]
+        bad = run(
+            "generate", *common, "--server", f"127.0.0.1:{port}", "--draft", "ngram",
+            "--auth-token-file", str(tmp_path / "bad"),
+        )  # fmt: skip
+        assert_one_line_error(bad, "UNAUTHENTICATED")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(60) == 0  # graceful shutdown
+    gone = run(
+        "generate", "Hi.", "--target", "smollm2-135m", "--server", f"127.0.0.1:{port}",
+        "--draft", "ngram",
+    )  # fmt: skip
+    assert_one_line_error(gone, "no verification server answered")

@@ -187,6 +187,29 @@ class TorchBackend(Backend):
         return self._to_numpy(out.logits[0])  # [n, V]
 
     @torch.inference_mode()
+    def prefill(self, seq: int, tokens: Sequence[int], chunk: int = 512) -> np.ndarray:
+        """Append tokens in chunks, computing logits for the last position only [V]."""
+        toks = self._check_tokens(seq, tokens)
+        if not toks:
+            raise ValueError("prefill needs at least one token")
+        start = self._lens[seq]
+        try:
+            for i in range(0, len(toks), chunk):
+                part = toks[i : i + chunk]
+                at = self._lens[seq]
+                out = self.model(
+                    input_ids=torch.tensor([part], device=self.device),  # [1, n]
+                    position_ids=torch.arange(at, at + len(part), device=self.device)[None],
+                    past_key_values=self._caches[seq],
+                    logits_to_keep=1,  # the lm_head on the last position only
+                )
+                self._lens[seq] = at + len(part)
+        except Exception:
+            self._crop(seq, start)
+            raise
+        return self._to_numpy(out.logits[0, -1])  # [V]
+
+    @torch.inference_mode()
     def forward_batch(self, items: Sequence[tuple]) -> list[np.ndarray]:
         """Items (seq, tokens) or (seq, tokens, parents), one per distinct sequence; one batched
         forward over all of them; returns logits [n_b, V] per item."""

@@ -60,7 +60,13 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         n_ctx=s.n_ctx,
         chat=not s.no_chat,
     )
-    req = decoder.request(
+    _print_stream(decoder.engine.stream(_request(decoder, ns, s)), s.json)
+    return 0
+
+
+def _request(decoder, ns: argparse.Namespace, s: GenerateSettings):  # noqa: ANN001, ANN202
+    """The engine request for the prompt and settings of `generate`."""
+    return decoder.request(
         ns.prompt,
         max_new_tokens=s.max_new_tokens,
         temperature=s.temperature,
@@ -70,8 +76,6 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         seed=s.seed,
         stop=s.stop or (),
     )
-    _print_stream(decoder.engine.stream(req), s.json)
-    return 0
 
 
 def _print_stream(chunks, as_json: bool) -> None:  # noqa: ANN001
@@ -130,17 +134,7 @@ def _generate_remote(ns: argparse.Namespace, s: GenerateSettings, k: int | None)
         tls_ca_file=s.tls_ca,
     )
     try:
-        req = decoder.request(
-            ns.prompt,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            seed=s.seed,
-            stop=s.stop or (),
-        )
-        _print_stream(decoder.engine.stream(req), s.json)
+        _print_stream(decoder.engine.stream(_request(decoder, ns, s)), s.json)
     finally:
         decoder.close()
     return 0

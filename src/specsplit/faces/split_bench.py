@@ -286,11 +286,12 @@ def _client_run(address: str, tokenizer, rec: dict, k: int, max_new: int) -> dic
     verifier = RemoteVerifier([address], tokenizer)
     loop = DecodeLoop(verifier, [prop], FixedK(k), pipeline=False)
     t0 = time.perf_counter()
-    stamps, counts = [], []
+    stamps, counts, clock = [], [], []
     result = None
     for chunk in loop.stream(GenerationRequest(rec["prompt_ids"], max_new)):
-        stamps.append(time.perf_counter() - t0)
-        counts.append(len(chunk.token_ids))
+        clock.append(time.perf_counter())
+        stamps.append(clock[-1] - t0)
+        counts.append(len(chunk.token_ids) + (chunk.result is not None and not chunk.token_ids))
         result = chunk.result or result
     verifier.shutdown()
     gaps = []  # per token: the wait for the chunk it came in, shared by the chunk's tokens
@@ -301,6 +302,7 @@ def _client_run(address: str, tokenizer, rec: dict, k: int, max_new: int) -> dic
         "ttft_s": stamps[0] if stamps else None,
         "total_s": stamps[-1] if stamps else None,
         "tbt_s": gaps,
+        "chunks": list(zip(clock, counts)),  # (perf_counter time, tokens) of each chunk
         "target_passes": result.stats.target_passes,
         "greedy_equal": result.token_ids == rec["output_ids"],
     }
@@ -353,12 +355,17 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
         finally:
             stop_server(server)
         tokens = sum(p["new_tokens"] for p in per)
+        # decode phase: from the moment every client has its first token to the last token
+        t_all = max(p["chunks"][0][0] for p in per)
+        t_end = max(p["chunks"][-1][0] for p in per)
+        decode_tokens = sum(n for p in per for t, n in p["chunks"] if t > t_all)
         passes = after["passes_total"] - before["passes_total"]
         tbt = [g for p in per for g in p["tbt_s"]]
         results[f"max_batch={max_batch}"] = {
             "clients": len(recs),
             "wall_s": wall,
             "server_tokens_per_s": tokens / wall,
+            "decode_phase_tokens_per_s": decode_tokens / max(1e-9, t_end - t_all),
             "tokens": tokens,
             "batched_passes": passes,
             "target_passes_per_token": passes / tokens,
@@ -375,6 +382,9 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
     if len(keys) == 2:
         a, b = results[keys[0]], results[keys[1]]
         results["throughput_ratio"] = a["server_tokens_per_s"] / b["server_tokens_per_s"]
+        results["decode_phase_ratio"] = (
+            a["decode_phase_tokens_per_s"] / b["decode_phase_tokens_per_s"]
+        )
     return {"config": _config(ns), "results": results}
 
 
