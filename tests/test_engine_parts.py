@@ -103,3 +103,19 @@ def test_cut_at_eos_and_budget():
     assert DecodeLoop._cut([5, 6, 9, 7], 10, frozenset({9})) == ([5, 6], "eos")
     assert DecodeLoop._cut([5, 6, 9, 7], 2, frozenset({9})) == ([5, 6], "length")
     assert DecodeLoop._cut([5, 6], 3, frozenset({9})) == ([5, 6], None)
+
+
+def test_drafting_ahead_stops_where_it_slows_drafting_down():
+    from specsplit.engine.speculative import PIPELINE_RETRY
+    from specsplit.engine.verifier import LocalVerifier
+
+    class _Remote(LocalVerifier):
+        pipelines = True
+
+    loop = DecodeLoop(_Remote.__new__(_Remote), [NGramProposer()])
+    assert loop.pipeline and loop._ahead_pays()  # nothing measured yet
+    loop._draft_cost = {False: 0.010, True: 0.012}
+    assert loop._ahead_pays()  # about as fast during a pass: keep drafting ahead
+    loop._draft_cost = {False: 0.010, True: 0.050}  # five times slower: the CPU is shared
+    answers = [loop._ahead_pays() for _ in range(PIPELINE_RETRY)]
+    assert answers.count(True) == 1 and answers[-1]  # only the periodic re-measurement

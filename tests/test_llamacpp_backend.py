@@ -236,6 +236,9 @@ def test_fingerprint_is_sha256_of_gguf_tokens(backend):
     expected = hashlib.sha256("\n".join(tokens).encode("utf-8")).hexdigest()
     assert backend.tokenizer.fingerprint() == expected
     # the identity names the weights too: the GGUF's key and the tokenizer
-    assert backend.identity() == hashlib.sha256(
-        (registry.gguf_key(registry.resolve_gguf(MODEL)) + expected).encode()
-    ).hexdigest()
+    assert (
+        backend.identity()
+        == hashlib.sha256(
+            (registry.gguf_key(registry.resolve_gguf(MODEL)) + expected).encode()
+        ).hexdigest()
+    )

@@ -63,7 +63,7 @@ def _reference(models, tok, prompt=PROMPT, n=64):
 
 def _edge(server, tok, proposers, policy):
     verifier = RemoteVerifier([f"127.0.0.1:{server.port}"], tok)
-    return DecodeLoop(verifier, proposers, policy), verifier
+    return DecodeLoop(verifier, proposers, policy, pipeline=True), verifier
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,11 @@ from specsplit.proposers.base import Draft, Proposer
 from specsplit.sampling import GREEDY, SamplingParams
 
 PIPELINE_MIN_P_FULL = 0.5  # draft ahead only if the round in flight likely passes whole
+# Drafting ahead overlaps the verifier's pass; where both share the CPU (loopback on a small
+# machine) that slows drafting down. Stop drafting ahead when a token drafted during a pass
+# costs this many times one drafted between passes (re-tried every PIPELINE_RETRY rounds).
+PIPELINE_MAX_SLOWDOWN = 1.5
+PIPELINE_RETRY = 32
 
 
 @dataclass(frozen=True)
@@ -94,17 +99,47 @@ class DecodeLoop:
         self.proposers = list(proposers)
         self.policy = policy or default_policy(self.proposers, None, 16)
         # drafting ahead needs one chain (a tree's bonus has no single guess)
+        self._draft_cost: dict[bool, float] = {}
+        self._always_ahead = pipeline is True  # True: draft ahead even where it seems slow
+        self._since_ahead = 0
         self.pipeline = (verifier.pipelines if pipeline is None else pipeline) and len(
             self.proposers
         ) == 1
 
     def _draft(
-        self, context: list[int], k: int, params: SamplingParams, rng, stats: GenerationStats
+        self,
+        context: list[int],
+        k: int,
+        params: SamplingParams,
+        rng,
+        stats: GenerationStats,
+        ahead: bool = False,
     ) -> list[Draft]:
         t0 = time.perf_counter()
         drafts = [p.propose(context, k, params, rng) for p in self.proposers] if k else []
-        stats.t_draft += time.perf_counter() - t0
+        dt = time.perf_counter() - t0
+        stats.t_draft += dt
+        n = sum(len(d.tokens) for d in drafts)
+        if n:  # seconds per draft token, between passes (False) and during one (True)
+            old = self._draft_cost.get(ahead)
+            self._draft_cost[ahead] = dt / n if old is None else 0.7 * old + 0.3 * dt / n
         return drafts
+
+    def _ahead_pays(self) -> bool:
+        """False while drafting during a pass is much slower than between passes."""
+        between, during = self._draft_cost.get(False), self._draft_cost.get(True)
+        if (
+            self._always_ahead
+            or between is None
+            or during is None
+            or during <= PIPELINE_MAX_SLOWDOWN * between
+        ):
+            return True
+        self._since_ahead += 1
+        if self._since_ahead >= PIPELINE_RETRY:  # measure again: the load may have moved
+            self._since_ahead = 0
+            return True
+        return False
 
     def _ahead_k(self, k: int, limit: int) -> int:
         """Draft tokens (after the bonus guess) to draft ahead of a k-token round; 0: don't."""
@@ -112,6 +147,8 @@ class DecodeLoop:
         if not self.pipeline or k == 0 or limit < 1:
             return 0
         if isinstance(policy, AdaptiveK) and policy.p_full(k) < PIPELINE_MIN_P_FULL:
+            return 0
+        if not self._ahead_pays():
             return 0
         return policy.choose(limit)
 
@@ -139,7 +176,7 @@ class DecodeLoop:
         k2 = self._ahead_k(len(chain), min(budget, room) - len(chain) - 2)
         if not k2:  # draft ahead on [context, chain]: its first token guesses the bonus
             return cur, None
-        d2 = self._draft(context + chain, k2 + 1, params, rng, stats)
+        d2 = self._draft(context + chain, k2 + 1, params, rng, stats, ahead=True)
         if len(d2[0].tokens) < 2:
             return cur, None
         fut2 = self.verifier.submit(d2, version + 1, pipelined=True)

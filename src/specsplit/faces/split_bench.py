@@ -88,6 +88,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
     from specsplit.backends.load import load_backend
     from specsplit.engine.speculative import GenerationRequest, SpeculativeEngine
     from specsplit.faces.api import EdgeDecoder
+    from specsplit.proposers.draft_model import DraftModelProposer
     from specsplit.sampling import SamplingParams
     from specsplit.transport.client import generate_cloud
     from specsplit.transport.netshim import DelayProxy
@@ -104,6 +105,8 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
         target = load_backend(ns.target_backend, ns.target, n_ctx=4096)
         draft = load_backend(ns.draft_backend, ns.draft, n_ctx=4096)
         local = SpeculativeEngine(target)
+        spec = SpeculativeEngine(target, [DraftModelProposer(draft)])  # specsplit local
+        spec.warm_up()
         rtts = [float(x) for x in ns.rtt.split(",")]
         proxies = {r: DelayProxy(("127.0.0.1", port), r / 2000).start() for r in rtts}
         edges = {
@@ -134,6 +137,11 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
                 "new_tokens": ref.stats.new_tokens,
                 "ttft_s": ref.stats.t_first_token,
                 "wall_s": time.perf_counter() - t0,
+            }
+            res = spec.generate(req)
+            rec["results"]["local"] = {
+                **{k: v for k, v in res.stats.as_dict().items() if k != "draft_lengths"},
+                "greedy_equal": res.token_ids == ref.token_ids if params.greedy else None,
             }
             for r in rtts:
                 px = proxies[r]
