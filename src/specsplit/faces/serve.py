@@ -127,8 +127,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 
 def _few_malloc_arenas(n: int = 2) -> None:
-    """Cap glibc's malloc arenas: each gRPC thread would otherwise grow its own (measured
-    here: 100 idle sessions held about 3.9 MB each with the default, about 1 MB with 2)."""
+    """Cap glibc's malloc arenas: gRPC threads would each grow their own. Measured with 100
+    idle sessions: 3.9 MB per session by default, 2.2 MB with this call at start, 1.0 MB with
+    MALLOC_ARENA_MAX=2 in the server's environment (set before Python starts)."""
     import ctypes
     import ctypes.util
 
