@@ -82,14 +82,16 @@ def test_greedy_through_service_equals_target_greedy(drafter, policy, server, mo
     loop, verifier = _edge(server, tok, proposers, pol)
     chunks = list(loop.stream(GenerationRequest(PROMPT, 64)))
     res = chunks[-1].result
-    verifier.shutdown()
     assert res.token_ids == ref.token_ids
     assert "".join(c.text for c in chunks) == res.text == ref.text
     st = res.stats
     assert st.target_passes < 64  # speculation happened: fewer passes than tokens
     assert st.bytes_sent > 0 and st.bytes_received > 0 and st.round_trips >= st.target_passes
+    again = loop.generate(GenerationRequest(PROMPT, 8)).stats  # bytes are per request
+    assert 0 < again.bytes_sent < st.bytes_sent and 0 < again.bytes_received < st.bytes_received
     if drafter == "model" and policy == "k3":
         assert st.dropped > 0 and st.rejected_rounds > 0  # drafts ahead were made and dropped
+    verifier.shutdown()
 
 
 def test_pipelined_rounds_are_verified_when_the_round_before_passes(server, models, tok):

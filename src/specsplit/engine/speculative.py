@@ -217,6 +217,7 @@ class DecodeLoop:
         out: list[int] = []
         finish = None
         per_token = sum(p.cost_per_token for p in self.proposers)
+        sent0, received0 = self.verifier.traffic()  # this request's bytes only
         try:
             self.verifier.open(prompt, req.params, seed)
             stats.t_prefill = time.perf_counter() - t_arrival
@@ -288,7 +289,8 @@ class DecodeLoop:
                 if finish is None:
                     yield Chunk(piece, new)
             stats.t_total = time.perf_counter() - t_arrival
-            stats.bytes_sent, stats.bytes_received = self.verifier.traffic()
+            sent, received = self.verifier.traffic()
+            stats.bytes_sent, stats.bytes_received = sent - sent0, received - received0
             yield Chunk(piece, new, GenerationResult(out, text.emitted, finish, stats))
         finally:
             self.verifier.close()
