@@ -32,6 +32,12 @@ def _summary(stats) -> str:
         f"(decode {stats.decode_tokens_per_s:.2f} tok/s, first token {stats.t_first_token:.2f} s) | "
         f"acceptance {stats.acceptance_rate:.2f} | tau {stats.mean_accepted_length:.2f} | "
         f"target passes {stats.target_passes} | K histogram {hist} | seed {stats.seed}"
+    ) + (
+        f" | {stats.round_trips} round trips, {stats.bytes_sent} B sent, "
+        f"{stats.bytes_received} B received, time: draft {stats.t_draft:.2f} s, network "
+        f"{stats.t_network:.2f} s, verify {stats.t_verify:.2f} s, queue {stats.t_queue:.2f} s"
+        if stats.bytes_sent
+        else ""
     )
 
 
