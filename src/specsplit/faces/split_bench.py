@@ -34,9 +34,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(args: Sequence[str], port: int, log: Path) -> subprocess.Popen:
-    """``specsplit serve`` in a subprocess; returns once it listens."""
-    cmd = [sys.executable, "-m", "specsplit.faces.cli", "serve", "--port", str(port), *args]
+def start_server(
+    args: Sequence[str], port: int, log: Path, prefix: Sequence[str] = ()
+) -> subprocess.Popen:
+    """``specsplit serve`` in a subprocess (after ``prefix``, e.g. taskset); returns once it
+    listens."""
+    cmd = [
+        *prefix,
+        sys.executable,
+        "-m",
+        "specsplit.faces.cli",
+        "serve",
+        "--port",
+        str(port),
+        *args,
+    ]
     f = open(log, "w")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(cmd, stderr=f, stdout=f)
     deadline = time.time() + 600
@@ -96,14 +108,19 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    threads = 1 if ns.pin else None  # --pin: server on core 0, this process on core 1
     server = start_server(
-        ["--target", ns.target, "--target-backend", ns.target_backend, "--rate", "0"],
+        ["--target", ns.target, "--target-backend", ns.target_backend, "--rate", "0"]
+        + (["--threads", "1"] if ns.pin else []),
         port,
         out / "server.log",
+        prefix=["taskset", "-c", "0"] if ns.pin else (),
     )
+    if ns.pin:
+        os.sched_setaffinity(0, {1})
     try:
-        target = load_backend(ns.target_backend, ns.target, n_ctx=4096)
-        draft = load_backend(ns.draft_backend, ns.draft, n_ctx=4096)
+        target = load_backend(ns.target_backend, ns.target, n_ctx=4096, threads=threads)
+        draft = load_backend(ns.draft_backend, ns.draft, n_ctx=4096, threads=threads)
         local = SpeculativeEngine(target)
         spec = SpeculativeEngine(target, [DraftModelProposer(draft)])  # specsplit local
         spec.warm_up()
@@ -113,12 +130,21 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
             r: EdgeDecoder([f"127.0.0.1:{proxies[r].port}"], draft, k=None, n_ctx=4096)
             for r in rtts
         }
+        no_ahead = {}
+        if ns.compare_ahead:  # the same edge without drafting ahead
+            for r in rtts:
+                no_ahead[r] = EdgeDecoder([f"127.0.0.1:{proxies[r].port}"], draft, n_ctx=4096)
+                no_ahead[r].engine.pipeline = False
         fp = target.tokenizer.fingerprint()
         prompts = prompts_of(ns)
         warm = chat_ids(target.tokenizer, "Say hi.")
         local.generate(GenerationRequest(warm, 4))
         for r in rtts:
             edges[r].engine.generate(GenerationRequest(warm, 8))
+            if r in no_ahead:
+                no_ahead[r].engine.generate(GenerationRequest(warm, 8))
+            if ns.no_cloud:
+                continue
             list(
                 generate_cloud(
                     f"127.0.0.1:{proxies[r].port}", fp, prompt_ids=warm, max_new_tokens=4
@@ -145,39 +171,31 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
             }
             for r in rtts:
                 px = proxies[r]
-                px.reset_counters()
-                t0 = time.perf_counter()
-                chunks = list(
-                    generate_cloud(
-                        f"127.0.0.1:{px.port}",
-                        fp,
-                        prompt_ids=ids,
-                        max_new_tokens=ns.max_new_tokens,
-                        params=params,
-                        seed=i,
-                    )
-                )
-                wall = time.perf_counter() - t0
-                got = [t for c in chunks for t in c.token_ids]
-                rec["results"][f"cloud-only@{r:g}ms"] = {
-                    "tokens_per_s": len(got) / wall,
-                    "new_tokens": len(got),
-                    "wire_bytes_per_token": (px.bytes_up + px.bytes_down) / max(1, len(got)),
-                    "greedy_equal": got == ref.token_ids if params.greedy else None,
-                }
-                px.reset_counters()
-                res = edges[r].engine.generate(req)
-                st = res.stats
-                rec["results"][f"edge@{r:g}ms"] = {
-                    **{k: v for k, v in st.as_dict().items() if k != "draft_lengths"},
-                    "wire_bytes_up": px.bytes_up,
-                    "wire_bytes_down": px.bytes_down,
-                    "wire_bytes_per_token": (px.bytes_up + px.bytes_down) / max(1, st.new_tokens),
-                    "greedy_equal": res.token_ids == ref.token_ids if params.greedy else None,
-                }
+                if not ns.no_cloud:
+                    c = _cloud_run(px, fp, ids, ns, params, i)
+                    got = c.pop("token_ids")
+                    c["greedy_equal"] = got == ref.token_ids if params.greedy else None
+                    rec["results"][f"cloud-only@{r:g}ms"] = c
+                for name, dec in (
+                    (f"edge@{r:g}ms", edges[r]),
+                    (f"edge-no-ahead@{r:g}ms", no_ahead.get(r)),
+                ):
+                    if dec is None:
+                        continue
+                    px.reset_counters()
+                    res = dec.engine.generate(req)
+                    st = res.stats
+                    rec["results"][name] = {
+                        **{k: v for k, v in st.as_dict().items() if k != "draft_lengths"},
+                        "wire_bytes_up": px.bytes_up,
+                        "wire_bytes_down": px.bytes_down,
+                        "wire_bytes_per_token": (px.bytes_up + px.bytes_down)
+                        / max(1, st.new_tokens),
+                        "greedy_equal": res.token_ids == ref.token_ids if params.greedy else None,
+                    }
             records.append(rec)
             print(f"[{i + 1}/{len(prompts)}] " + _line(rec), flush=True)
-        for e in edges.values():
+        for e in [*edges.values(), *no_ahead.values()]:
             e.close()
         for px in proxies.values():
             px.stop()
@@ -199,6 +217,32 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
             "greedy_equal": all(r["results"][s].get("greedy_equal") is not False for r in records),
         }
     return {"config": _config(ns), "summary": summary, "prompts": records}
+
+
+def _cloud_run(px, fp: str, ids: list[int], ns: argparse.Namespace, params, seed: int) -> dict:  # noqa: ANN001
+    """Cloud-only through the proxy: the server generates alone and streams."""
+    from specsplit.transport.client import generate_cloud
+
+    px.reset_counters()
+    t0 = time.perf_counter()
+    chunks = list(
+        generate_cloud(
+            f"127.0.0.1:{px.port}",
+            fp,
+            prompt_ids=ids,
+            max_new_tokens=ns.max_new_tokens,
+            params=params,
+            seed=seed,
+        )
+    )
+    wall = time.perf_counter() - t0
+    got = [t for c in chunks for t in c.token_ids]
+    return {
+        "tokens_per_s": len(got) / wall,
+        "new_tokens": len(got),
+        "wire_bytes_per_token": (px.bytes_up + px.bytes_down) / max(1, len(got)),
+        "token_ids": got,
+    }
 
 
 def _med(records: list[dict], system: str, key: str) -> float | None:
@@ -481,6 +525,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--out", default=f"bench_runs/split_{name}")
     sub.choices["rtt"].add_argument("--rtt", default="0,20,80", help="round-trip times in ms")
     sub.choices["rtt"].add_argument("--temperature", type=float, default=0.0)
+    sub.choices["rtt"].add_argument(
+        "--pin", action="store_true", help="server on core 0, client on core 1, 1 thread each"
+    )
+    sub.choices["rtt"].add_argument(
+        "--compare-ahead", action="store_true", help="also the edge without drafting ahead"
+    )
+    sub.choices["rtt"].add_argument("--no-cloud", action="store_true", help="skip cloud-only")
     sub.choices["throughput"].add_argument("--clients", type=int, default=8)
     sub.choices["throughput"].add_argument(
         "--batch", default="8,1", help="max batch sizes to compare"
