@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from specsplit.backends.base import Backend
 from specsplit.engine.rounds import Round
@@ -106,6 +106,7 @@ class BatchScheduler:
         self._running = False
         self._thread: threading.Thread | None = None
         self._rr = itertools.count()
+        self._last_sweep = 0.0
 
     # ---- life cycle ----
 
@@ -162,10 +163,14 @@ class BatchScheduler:
     def close(self, s: Served, reason: str = "closed") -> None:
         """End a session (its memory is freed by the loop)."""
         with self._cv:
-            if not s.closed:
-                s.closed, s.end_reason = True, reason
-                self._closing.append((s, reason))
-                self._cv.notify_all()
+            self._mark_closed(s, reason)
+            self._cv.notify_all()
+
+    def _mark_closed(self, s: Served, reason: str) -> None:
+        """Queue a session's end for the loop (called with the lock)."""
+        if not s.closed:
+            s.closed, s.end_reason = True, reason
+            self._closing.append((s, reason))
 
     def load_hint(self) -> float:
         """Expected seconds a new round waits before its pass."""
@@ -181,6 +186,7 @@ class BatchScheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
+                self._sweep_idle()  # also on a busy server: idle sessions time out anyway
                 while self._running and not self._has_work():
                     self._cv.wait(timeout=1.0)
                     self._sweep_idle()
@@ -215,12 +221,15 @@ class BatchScheduler:
             self._cv.wait(timeout=left)
 
     def _sweep_idle(self) -> None:
+        """Close sessions idle longer than the timeout (at most once a second; with the lock)."""
         now = time.monotonic()
-        for s in self.sessions.values():
+        if now - self._last_sweep < 1.0:
+            return
+        self._last_sweep = now
+        for s in list(self.sessions.values()):
             if not s.closed and not s.jobs and now - s.state.last_used > self.idle_timeout:
                 log.info("session %s idle for %.0f s: closing", s.id, now - s.state.last_used)
-                s.closed, s.end_reason = True, "idle timeout"
-                self._closing.append((s, "idle timeout"))
+                self._mark_closed(s, "idle timeout")
 
     def _end(self, s: Served, reason: str) -> None:
         s.closed, s.end_reason = True, s.end_reason or reason
@@ -287,8 +296,7 @@ class BatchScheduler:
         if not s.ready.done():
             s.ready.set_exception(err)
         with self._cv:
-            s.closed, s.end_reason = True, str(err)
-            self._closing.append((s, str(err)))
+            self._mark_closed(s, str(err))
 
     def _verify(self, batch: list[Served]) -> None:
         t_start = time.perf_counter()
@@ -353,13 +361,8 @@ class BatchScheduler:
             st.accepted += out.n_accepted
             st.emitted += out.n_accepted + 1
             job.future.set_result(
-                Outcome(
-                    out.version,
-                    False,
-                    out.n_accepted,
-                    out.next_token,
-                    out.chain,
-                    out.accepted,
+                replace(
+                    out,
                     t_verify=t_pass,
                     t_queue=max(0.0, t_start - job.t_submit),
                     batch_size=len(planned),

@@ -98,10 +98,10 @@ class DecodeLoop:
         self.verifier = verifier
         self.proposers = list(proposers)
         self.policy = policy or default_policy(self.proposers, None, 16)
-        # drafting ahead needs one chain (a tree's bonus has no single guess)
-        self._draft_cost: dict[bool, float] = {}
+        self._draft_cost: dict[bool, float] = {}  # seconds per draft token, see _draft
         self._always_ahead = pipeline is True  # True: draft ahead even where it seems slow
         self._since_ahead = 0
+        # drafting ahead needs one chain (a tree's bonus has no single guess)
         self.pipeline = (verifier.pipelines if pipeline is None else pipeline) and len(
             self.proposers
         ) == 1

@@ -21,7 +21,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -223,18 +223,7 @@ class LocalVerifier(Verifier):
         t0 = time.perf_counter()
         logits = self.target.forward(s.seq, rnd.tokens, rnd.parents)  # [n, V]
         t_verify = time.perf_counter() - t0
-        out = s.apply(self.target, rnd, logits)
-        fut.set_result(
-            Outcome(
-                out.version,
-                False,
-                out.n_accepted,
-                out.next_token,
-                out.chain,
-                out.accepted,
-                t_verify=t_verify,
-            )
-        )
+        fut.set_result(replace(s.apply(self.target, rnd, logits), t_verify=t_verify))
         return fut
 
     def close(self) -> None:

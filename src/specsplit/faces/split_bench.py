@@ -62,6 +62,11 @@ def start_server(
     raise RuntimeError("server did not start in 600 s")
 
 
+def serve_args(ns: argparse.Namespace, *extra: str) -> list[str]:
+    """`specsplit serve` flags for the benchmark's target, no rate limit, then extra."""
+    return ["--target", ns.target, "--target-backend", ns.target_backend, "--rate", "0", *extra]
+
+
 def stop_server(proc: subprocess.Popen) -> None:
     proc.terminate()
     try:
@@ -110,8 +115,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
     port = free_port()
     threads = 1 if ns.pin else None  # --pin: server on core 0, this process on core 1
     server = start_server(
-        ["--target", ns.target, "--target-backend", ns.target_backend, "--rate", "0"]
-        + (["--threads", "1"] if ns.pin else []),
+        serve_args(ns, *(["--threads", "1"] if ns.pin else [])),
         port,
         out / "server.log",
         prefix=["taskset", "-c", "0"] if ns.pin else (),
@@ -370,20 +374,11 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
     for max_batch in (int(x) for x in ns.batch.split(",")):
         port, http_port = free_port(), free_port()
         server = start_server(
-            [
-                "--target",
-                ns.target,
-                "--target-backend",
-                ns.target_backend,
-                "--rate",
-                "0",
-                "--max-batch",
-                str(max_batch),
-                "--max-sessions",
-                str(2 * ns.clients),
-                "--http-port",
-                str(http_port),
-            ],
+            serve_args(
+                ns,
+                *("--max-batch", str(max_batch), "--max-sessions", str(2 * ns.clients)),
+                *("--http-port", str(http_port)),
+            ),
             port,
             out / f"server_batch{max_batch}.log",
         )
@@ -468,18 +463,7 @@ def cmd_memory(ns: argparse.Namespace) -> dict:
     tokenizer = load_tokenizer(ns.target)
     port = free_port()
     server = start_server(
-        [
-            "--target",
-            ns.target,
-            "--target-backend",
-            ns.target_backend,
-            "--rate",
-            "0",
-            "--max-sessions",
-            str(ns.sessions + 8),
-            "--kv-budget",
-            ns.kv_budget,
-        ],
+        serve_args(ns, "--max-sessions", str(ns.sessions + 8), "--kv-budget", ns.kv_budget),
         port,
         out / "server_memory.log",
     )

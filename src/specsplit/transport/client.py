@@ -24,7 +24,7 @@ from specsplit.backends.base import Tokenizer
 from specsplit.engine.verifier import Outcome, Verifier
 from specsplit.errors import (
     ConfigError,
-    ModelError,
+    Overloaded,
     SessionGone,
     SpecsplitError,
     VerifierUnavailable,
@@ -37,7 +37,6 @@ from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specsplit.client")
 
-GRPC_FRAME = 5
 MAX_MESSAGE = 4 << 20  # bytes; the server refuses larger ones too
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -61,8 +60,6 @@ def _error(e: grpc.RpcError) -> SpecsplitError:
     if code in RETRYABLE:
         return SessionGone(f"{code.name}: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        from specsplit.errors import Overloaded
-
         return Overloaded(f"server: {details}")
     return ConfigError(f"server refused ({code.name}): {details}")
 
@@ -92,7 +89,7 @@ class _Link:
             tokenizer_fingerprint=tokenizer.fingerprint(),
             target_identity=expect_identity or "",
         )
-        self.bytes_out = hello.ByteSize() + GRPC_FRAME
+        self.bytes_out = hello.ByteSize() + wire.GRPC_FRAME
         try:
             t0 = time.perf_counter()
             self.welcome: pb.Welcome = self.stub.Handshake(
@@ -102,7 +99,7 @@ class _Link:
         except grpc.RpcError as e:
             self.channel.close()
             raise _error(e) from None
-        self.bytes_in = self.welcome.ByteSize() + GRPC_FRAME
+        self.bytes_in = self.welcome.ByteSize() + wire.GRPC_FRAME
 
     def close(self) -> None:
         self.channel.close()
@@ -240,12 +237,12 @@ class RemoteVerifier(Verifier):
     def _send(self, msg: pb.ClientMsg) -> None:
         assert self._sendq is not None
         with self._lock:
-            self._bytes_out += msg.ByteSize() + GRPC_FRAME
+            self._bytes_out += msg.ByteSize() + wire.GRPC_FRAME
         self._sendq.put(msg)
 
     def _count_in(self, msg: pb.ServerMsg) -> None:
         with self._lock:
-            self._bytes_in += msg.ByteSize() + GRPC_FRAME
+            self._bytes_in += msg.ByteSize() + wire.GRPC_FRAME
 
     def _read(self, call, pending: deque) -> None:
         """Resolve pending rounds from the verdicts, in order (runs in its own thread)."""
@@ -310,12 +307,6 @@ class RemoteVerifier(Verifier):
             self._bytes_out + self.link.bytes_out,
             self._bytes_in + self.link.bytes_in,
         )
-
-
-def check_vocab(tokenizer: Tokenizer, verifier: RemoteVerifier) -> None:
-    """Refuse a local tokenizer that cannot be the server's (the handshake already checks)."""
-    if tokenizer.vocab_size > verifier.vocab_size:
-        raise ModelError("the local tokenizer has more tokens than the server's target")
 
 
 def generate_cloud(

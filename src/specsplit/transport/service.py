@@ -33,7 +33,6 @@ from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specsplit.server")
 
-GRPC_FRAME = 5  # bytes of gRPC framing per message (flag + length)
 JOIN_WAIT = 0.25  # seconds a joined session waits for every drafter's draft of a round
 
 
@@ -65,7 +64,6 @@ class Counters:
     bytes_in: int = 0
     bytes_out: int = 0
     refused: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    generate_requests: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, n_in: int = 0, n_out: int = 0) -> None:
@@ -260,7 +258,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     # ---- Handshake ----
 
     def Handshake(self, request: pb.Hello, context: grpc.ServicerContext) -> pb.Welcome:
-        self.counters.add(request.ByteSize() + GRPC_FRAME)
+        self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         if request.protocol_version != wire.PROTOCOL_VERSION:
             self._refuse(
                 context,
@@ -289,7 +287,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 for n, s in sorted(self.scheduler.cost_shape.items())
             ],
         )
-        self.counters.add(n_out=reply.ByteSize() + GRPC_FRAME)
+        self.counters.add(n_out=reply.ByteSize() + wire.GRPC_FRAME)
         return reply
 
     # ---- Session ----
@@ -302,7 +300,7 @@ class VerifierService(pb_grpc.VerifierServicer):
             self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Open"
             )
-        self.counters.add(first.ByteSize() + GRPC_FRAME)
+        self.counters.add(first.ByteSize() + wire.GRPC_FRAME)
         hub, member = self._open(first.open, context)
         served = hub.served
         context.add_callback(lambda: self._leave(hub, member, "client went away"))
@@ -345,7 +343,7 @@ class VerifierService(pb_grpc.VerifierServicer):
             yield self._out(pb.ServerMsg(verdict=wire.verdict_to_pb(outcome, with_ids)))
 
     def _out(self, msg: pb.ServerMsg) -> pb.ServerMsg:
-        self.counters.add(n_out=msg.ByteSize() + GRPC_FRAME)
+        self.counters.add(n_out=msg.ByteSize() + wire.GRPC_FRAME)
         return msg
 
     def _open(self, req: pb.Open, context: grpc.ServicerContext) -> tuple[Hub, Member]:
@@ -403,7 +401,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         vocab = self.scheduler.target.vocab_size
         try:
             for msg in requests:
-                self.counters.add(msg.ByteSize() + GRPC_FRAME)
+                self.counters.add(msg.ByteSize() + wire.GRPC_FRAME)
                 kind = msg.WhichOneof("msg")
                 if kind == "close":
                     break
@@ -439,8 +437,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateChunk]:
-        self.counters.add(request.ByteSize() + GRPC_FRAME)
-        self.counters.generate_requests += 1
+        self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         try:
             req = self.generation_request(request)
             proposers = self.make_proposers() if request.server_draft else []
@@ -454,7 +451,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 if chunk.result is not None:
                     msg.finish_reason = chunk.result.finish_reason
                     msg.stats_json = json.dumps(chunk.result.stats.as_dict())
-                self.counters.add(n_out=msg.ByteSize() + GRPC_FRAME)
+                self.counters.add(n_out=msg.ByteSize() + wire.GRPC_FRAME)
                 yield msg
         except SpecsplitError as e:
             self._refuse(context, status_of(e), str(e))

@@ -21,6 +21,7 @@ from specsplit.transport.pb import specsplit_pb2 as pb
 PROTOCOL_VERSION = 1
 Q_TOTAL = 1 << QUANT_BITS
 MICROS = 1e6
+GRPC_FRAME = 5  # bytes of gRPC framing per message (flag + length), for the byte counters
 
 
 class ProtocolError(ConfigError):
