@@ -1,230 +1,491 @@
-"""`specsplit bench`: the target alone against speculation, interleaved, on real prompts.
+"""`specsplit bench`: speculative decoding against the target alone and the tools people use
+today, side by side on the same prompts, with a report.
 
-Every system runs every prompt once per repeat, in a rotating order, after a warm-up;
-tokens/s counts from the request's arrival (prefill included) to its last token, and the
-speedup of a prompt is its tokens/s over the baseline's on the same prompt in the same run.
+Every system runs every prompt once per repeat, interleaved in a rotating order, after an
+untimed warm-up. The speedup of a run is its tokens/s over the baseline's (the target
+alone) on the same prompt and repeat. Systems and figures: ``bench_systems``; summaries
+and the physical limit: ``bench_summary``; files and plots: ``bench_report``; the schema:
+docs/bench_results.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import platform
+import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from specsplit.engine.speculative import GenerationRequest, SpeculativeEngine
+from specsplit.engine.speculative import SpeculativeEngine
+from specsplit.faces.bench_summary import refresh, spread
+from specsplit.faces.bench_systems import (
+    CloudSystem,
+    EdgeSystem,
+    EngineSystem,
+    HFSystem,
+    LlamaCppPythonSystem,
+    LlamaSpeculativeSystem,
+    System,
+)
+
+SCHEMA = "specsplit.bench/2"
 
 
 @dataclass
-class System:
-    """One way of generating: an engine, or a Hugging Face generate call."""
+class Setup:
+    """What the systems are built from: loaded models and, for the split systems, a server."""
 
-    name: str
-    engine: SpeculativeEngine | None = None
-    hf: dict | None = None  # {"assistant": model or None, "prompt_lookup": int}
-
-
-def _median(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def run_one(system: System, target, ids: list[int], max_new: int) -> dict:
-    """Run one prompt on one system; return its figures and ids."""
-    if system.engine is not None:
-        res = system.engine.generate(GenerationRequest(ids, max_new))
-        return {
-            "token_ids": res.token_ids,
-            "finish_reason": res.finish_reason,
-            **res.stats.as_dict(),
-        }
-    from specsplit.faces.hf_baselines import hf_generate
-
-    new, dt, hit_eos = hf_generate(
-        getattr(target, "model", None),
-        ids,
-        max_new,
-        sorted(target.tokenizer.eos_token_ids),
-        assistant=system.hf.get("assistant"),
-        prompt_lookup=system.hf.get("prompt_lookup", 0),
-    )
-    n = len(new) + hit_eos  # count EOS as generated, as the engine's statistics do
-    return {"token_ids": new, "new_tokens": n, "tokens_per_s": n / dt, "total_s": dt}
+    target: object  # Backend
+    draft: object | None = None  # draft model Backend
+    draft_name: str = "draft"
+    assistant: object | None = None  # HF assistant (a torch model) for hf-assisted
+    server: tuple[str, int] | None = None  # a specsplit server verifying for the target
+    server_http_port: int | None = None  # its /metrics
+    server_pid: int | None = None
+    gguf: Path | None = None  # the target's GGUF (llama-cpp-python systems)
+    draft_gguf: Path | None = None
+    model_rss_bytes: dict[str, int] = field(default_factory=dict)
+    proxies: list = field(default_factory=list)
 
 
-def summarise(records: list[dict], systems: list[str], baseline: str) -> dict:
-    """Medians per system, overall and per category, with speedups from the same prompts."""
-
-    def block(rs: list[dict]) -> dict:
-        out = {}
-        for s in systems:
-            rows = [r["results"][s] for r in rs if s in r["results"]]
-            speed = [
-                r["results"][s]["tokens_per_s"] / r["results"][baseline]["tokens_per_s"]
-                for r in rs
-                if s in r["results"] and r["results"][baseline]["tokens_per_s"] > 0
-            ]
-            out[s] = {
-                "prompts": len(rows),
-                "median_tokens_per_s": _median([x["tokens_per_s"] for x in rows]),
-                "median_decode_tokens_per_s": _median([x.get("decode_tokens_per_s") for x in rows]),
-                "median_speedup": _median(speed),
-                "median_acceptance_rate": _median([x.get("acceptance_rate") for x in rows]),
-                "median_mean_accepted_length": _median(
-                    [x.get("mean_accepted_length") for x in rows]
-                ),
-                "greedy_equal_to_target": all(r["greedy_equal"].get(s, True) for r in rs),
-                "draft_length_histogram": _hist(
-                    [k for x in rows for k in x.get("draft_lengths", [])]
-                ),
-            }
-        return out
-
-    cats = sorted({r["category"] for r in records})
-    return {
-        "overall": block(records),
-        "per_category": {c: block([r for r in records if r["category"] == c]) for c in cats},
-    }
-
-
-def _hist(ks: list[int]) -> dict[str, int]:
-    return {str(k): ks.count(k) for k in sorted(set(ks))}
-
-
-def add_bench_parser(sub) -> None:
-    b = sub.add_parser("bench", help="benchmark the target alone against speculation")
-    b.add_argument("--suite", choices=["spec-bench", "humaneval"], required=True)
-    b.add_argument(
-        "--questions", default="../shared/data/spec_bench/question.jsonl", help="Spec-Bench jsonl"
-    )
+def add_bench_parser(sub) -> None:  # noqa: ANN001
+    b = sub.add_parser("bench", help="benchmark specsplit against the target alone and others")
+    b.add_argument("--suite", default="humaneval,spec-bench", help="humaneval, spec-bench or both")
+    b.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")
     b.add_argument("--categories", default=None, help="comma-separated Spec-Bench categories")
-    b.add_argument("--limit", type=int, default=None, help="prompts (per category for Spec-Bench)")
-    b.add_argument("--max-new-tokens", type=int, default=128)
+    b.add_argument("--limit", type=int, default=None, help="prompts per category")
+    b.add_argument("--humaneval-limit", type=int, default=None, help="HumanEval prompts")
+    b.add_argument("--max-new-tokens", type=int, default=64)
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--target", default="qwen2.5-coder-1.5b")
     b.add_argument("--target-backend", default="torch", choices=["torch", "llama.cpp", "numpy"])
-    b.add_argument("--draft", action="append", default=None, help="drafter(s) for the spec system")
+    b.add_argument("--draft", default="qwen2.5-coder-0.5b", help="draft model")
     b.add_argument("--draft-backend", default="llama.cpp", choices=["torch", "llama.cpp", "numpy"])
-    b.add_argument("--target-threads", type=int, default=None)
-    b.add_argument("--draft-threads", type=int, default=None)
-    b.add_argument("--k", default="auto", help="K of the spec system: a number or auto")
+    b.add_argument("--threads", type=int, default=None, help="threads of every model")
+    b.add_argument("--k", default="auto", help="K of the specsplit systems: a number or auto")
+    b.add_argument("--drafters", default="model,ngram,both", help="specsplit local systems")
+    b.add_argument("--rtt", default="", help="edge-cloud round-trip times in ms, e.g. 0,20,80")
+    b.add_argument("--cloud-rtt", default=None, help="cloud-only RTTs (default: as --rtt)")
+    b.add_argument("--hf", default="", help="HF systems: assisted, prompt-lookup")
     b.add_argument(
-        "--also-draft-backend",
-        default=None,
-        choices=["torch", "llama.cpp", "numpy"],
-        help="add a spec system with the first draft model on this backend too",
+        "--llama-cpp-python", default="", help="llama-cpp-python systems: plain, prompt-lookup"
     )
-    b.add_argument("--k-sweep", default="", help="also fixed-K systems, e.g. 0,2,4,8")
-    b.add_argument(
-        "--hf", default="", help="HF systems: assisted, assisted-torch-draft, prompt-lookup"
-    )
-    b.add_argument("--out", required=True, help="output folder for results.json")
+    b.add_argument("--llama-speculative", default=None, help="path of a llama-speculative binary")
+    b.add_argument("--clients", default="", help="server throughput at these client counts")
+    b.add_argument("--out", required=True, help="output folder")
     b.set_defaults(func=cmd_bench)
+    r = sub.add_parser("bench-report", help="one report from several bench runs")
+    r.add_argument("runs", nargs="+", help="result folders or results.json files")
+    r.add_argument("--out", required=True)
+    r.add_argument("--readme", default=None, help="also update this README's bench section")
+    r.set_defaults(func=cmd_report)
 
 
-def build_systems(ns, target) -> list[System]:
-    from specsplit.faces.api import DEFAULT_DRAFT, make_proposer
-    from specsplit.faces.cli import _parse_k
-
-    drafts = ns.draft or [DEFAULT_DRAFT]
-    proposers = [
-        make_proposer(d, target, ns.draft_backend, threads=ns.draft_threads) for d in drafts
-    ]
-    proposers = [p for p in proposers if p is not None]
-    label = "+".join(drafts)
-    systems = [System("target", SpeculativeEngine(target))]
-    k = _parse_k(ns.k)
-    systems.append(System(f"spec[{label},k={ns.k}]", SpeculativeEngine(target, proposers, k=k)))
-    if ns.also_draft_backend:
-        other = make_proposer(drafts[0], target, ns.also_draft_backend, threads=ns.draft_threads)
-        name = f"spec[{drafts[0]}@{ns.also_draft_backend},k={ns.k}]"
-        systems.append(System(name, SpeculativeEngine(target, [other], k=k)))
-    for kk in [int(x) for x in ns.k_sweep.split(",") if x.strip()]:
-        systems.append(System(f"spec[{label},k={kk}]", SpeculativeEngine(target, proposers, k=kk)))
-    hf = [h for h in ns.hf.split(",") if h]
-    if hf:
-        from specsplit.backends.torch_backend import TorchBackend
-
-        for h in hf:
-            if h == "prompt-lookup":
-                systems.append(System("hf-prompt-lookup", hf={"prompt_lookup": 10}))
-            elif h == "assisted":
-                assistant = TorchBackend.load(drafts[0], threads=ns.draft_threads).model
-                systems.append(System(f"hf-assisted[{drafts[0]}]", hf={"assistant": assistant}))
-    return systems
+def _csv(s: str | None) -> list[str]:
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
 
 
-def cmd_bench(ns: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from specsplit.backends.load import load_backend
-    from specsplit.faces.api import SpeculativeDecoder
+def load_prompts(ns: argparse.Namespace) -> list:
     from specsplit.faces.prompts import load_humaneval, load_spec_bench
 
-    if ns.suite == "spec-bench":
-        cats = ns.categories.split(",") if ns.categories else None
-        prompts = load_spec_bench(ns.questions, cats, ns.limit)
+    out = []
+    for suite in _csv(ns.suite):
+        if suite == "humaneval":
+            out += load_humaneval(ns.humaneval_limit or ns.limit)
+        elif suite == "spec-bench":
+            out += load_spec_bench(ns.questions, _csv(ns.categories) or None, ns.limit)
+        else:
+            from specsplit.errors import ConfigError
+
+            raise ConfigError(f"unknown suite {suite!r}; choose humaneval, spec-bench or both")
+    return out
+
+
+def build_systems(ns: argparse.Namespace, setup: Setup) -> tuple[list[System], list[dict]]:
+    """The systems of this run, and the ones skipped with the reason."""
+    from specsplit.faces.cli import _parse_k
+    from specsplit.proposers.draft_model import DraftModelProposer
+    from specsplit.proposers.ngram import NGramProposer
+
+    target, k = setup.target, _parse_k(ns.k)
+    systems: list[System] = [EngineSystem("target", "target", SpeculativeEngine(target), None)]
+    skipped: list[dict] = []
+    d = setup.draft_name
+    for which in _csv(ns.drafters):
+        if which in ("model", "both") and setup.draft is None:
+            skipped.append({"name": f"spec[{which}]", "reason": "no draft model"})
+            continue
+        props = {
+            "model": lambda: [DraftModelProposer(setup.draft)],
+            "ngram": lambda: [NGramProposer()],
+            "both": lambda: [DraftModelProposer(setup.draft), NGramProposer()],
+        }[which]()
+        label = {"model": d, "ngram": "ngram", "both": f"{d}+ngram"}[which]
+        if len(props) > 1 and not target.supports_tree:
+            skipped.append({"name": f"spec[{label}]", "reason": f"{target.name}: no tree"})
+            continue
+        engine = SpeculativeEngine(target, props, k=k)
+        systems.append(EngineSystem(f"spec[{label}]", "specsplit-local", engine, label))
+    rtts, cloud = _csv(ns.rtt), _csv(ns.rtt if ns.cloud_rtt is None else ns.cloud_rtt)
+    if (rtts or cloud) and setup.server is None:
+        skipped.append({"name": "edge-cloud/cloud-only", "reason": "no server"})
+        rtts, cloud = [], []
+    systems += _split_systems(setup, [float(r) for r in rtts], [float(r) for r in cloud], k)
+    systems += _hf_systems(ns, setup, skipped)
+    systems += _llama_systems(ns, setup, skipped)
+    return systems, skipped
+
+
+def _split_systems(setup: Setup, rtts: list[float], cloud: list[float], k) -> list[System]:  # noqa: ANN001
+    from specsplit.engine.speculative import DecodeLoop, default_policy
+    from specsplit.proposers.draft_model import DraftModelProposer
+    from specsplit.transport.client import RemoteVerifier
+    from specsplit.transport.netshim import DelayProxy
+
+    out: list[System] = []
+    tok = setup.target.tokenizer
+    proxies: dict[float, DelayProxy] = {}
+
+    def proxy(r: float) -> DelayProxy:
+        if r not in proxies:
+            proxies[r] = DelayProxy(setup.server, r / 2000).start()  # one way = half the RTT
+            setup.proxies.append(proxies[r])
+        return proxies[r]
+
+    for r in rtts:
+        if setup.draft is None:
+            break
+        prop = DraftModelProposer(setup.draft, top_m=64, quantize=True)
+        prop.warm_up([tok.bos_token_id or 0] * 32)
+        verifier = RemoteVerifier([f"127.0.0.1:{proxy(r).port}"], tok)
+        policy = default_policy([prop], k, 16)
+        if hasattr(policy, "draft_per_token"):
+            policy.draft_per_token = prop.cost_per_token
+        loop = DecodeLoop(verifier, [prop], policy)
+        out.append(
+            EdgeSystem(f"edge[{setup.draft_name}]@{r:g}ms", loop, proxy(r), setup.draft_name, r)
+        )
+    for r in cloud:
+        out.append(CloudSystem(f"cloud-only@{r:g}ms", proxy(r), tok.fingerprint(), r))
+    return out
+
+
+def _hf_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> list[System]:
+    out: list[System] = []
+    model = getattr(setup.target, "model", None)
+    eos = sorted(setup.target.tokenizer.eos_token_ids) or [0]
+    for h in _csv(ns.hf):
+        name = {"assisted": f"hf-assisted[{setup.draft_name}]", "prompt-lookup": "hf-prompt-lookup"}
+        if h not in name:
+            from specsplit.errors import ConfigError
+
+            raise ConfigError(f"unknown HF system {h!r}; choose assisted, prompt-lookup")
+        if model is None:
+            skipped.append(
+                {"name": name[h], "reason": "HF generate needs the torch target backend"}
+            )
+        elif h == "assisted" and setup.assistant is None:
+            skipped.append({"name": name[h], "reason": "no torch draft model to assist"})
+        elif h == "assisted":
+            out.append(HFSystem(name[h], model, eos, assistant=setup.assistant))
+        else:
+            out.append(HFSystem(name[h], model, eos, prompt_lookup=10))
+    return out
+
+
+def _llama_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> list[System]:
+    out: list[System] = []
+    threads = ns.threads or len(os.sched_getaffinity(0))
+    for which in _csv(ns.llama_cpp_python):
+        name = "llama-cpp-python" + ("-prompt-lookup" if which == "prompt-lookup" else "")
+        if which not in ("plain", "prompt-lookup"):
+            from specsplit.errors import ConfigError
+
+            raise ConfigError(f"unknown llama-cpp-python system {which!r}; plain, prompt-lookup")
+        if setup.target.name != "llama.cpp" or setup.gguf is None:
+            skipped.append(
+                {
+                    "name": name,
+                    "reason": "compared on the llama.cpp target backend (its baseline there)",
+                }
+            )
+            continue
+        lookup = 10 if which == "prompt-lookup" else 0
+        out.append(LlamaCppPythonSystem(name, setup.gguf, threads, setup.target.n_ctx, lookup))
+    if ns.llama_speculative:
+        out.append(
+            LlamaSpeculativeSystem(
+                "llama-speculative",
+                "llama-speculative",
+                setup.draft_name,
+                binary=ns.llama_speculative,
+                target_gguf=str(setup.gguf),
+                draft_gguf=str(setup.draft_gguf),
+                threads=threads,
+                detokenize=setup.target.tokenizer.decode,
+            )
+        )
     else:
-        prompts = load_humaneval(ns.limit)
-    target = load_backend(ns.target_backend, ns.target, threads=ns.target_threads, n_ctx=8192)
-    systems = build_systems(ns, target)
-    encoder = SpeculativeDecoder(target, None, warm_up=False)
-    for s in systems:  # warm-up: untimed
-        if s.engine is not None:
-            s.engine.warm_up(encoder.encode_prompt(prompts[0].text)[:64])
-        run_one(s, target, encoder.encode_prompt("Say hi."), 8)
+        skipped.append(
+            {"name": "llama-speculative", "reason": "no --llama-speculative binary given"}
+        )
+    return out
+
+
+@contextmanager
+def _recording(proposer, drafts: dict[int, list[int]]) -> Iterator[None]:  # noqa: ANN001
+    """Record every draft the proposer makes, by the length of the context it drafted for."""
+    inner = proposer.propose
+
+    def propose(context, k, params, rng):  # noqa: ANN001, ANN202
+        d = inner(context, k, params, rng)
+        drafts[len(context)] = list(d.tokens)
+        return d
+
+    proposer.propose = propose
+    try:
+        yield
+    finally:
+        del proposer.propose
+
+
+def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
+    """Run every system on every prompt; the results document (without file output)."""
+    from tqdm import tqdm
+
+    from specsplit.faces.api import SpeculativeDecoder
+
+    systems, skipped = build_systems(ns, setup)
+    encoder = SpeculativeDecoder(setup.target, None, warm_up=False)
+    warm = encoder.encode_prompt(prompts[0].text)
+    for s in systems:  # untimed warm-up
+        if isinstance(s, EngineSystem):
+            s.engine.warm_up(warm[:64])
+        s.run(warm[:64], 8)
+    names = [s.name for s in systems]
+    main = next((s.name for s in systems if s.kind == "specsplit-local"), names[-1])
+    recorder = next((s for s in systems if s.name == f"spec[{setup.draft_name}]"), None)
+    n_record = max((int(c) for c in _csv(ns.clients)), default=0)
+    recorded: list[dict] = []
     records: list[dict] = []
-    out = Path(ns.out)
-    out.mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(prompts) * ns.repeats * len(systems), unit="run")
+    bar = tqdm(total=len(prompts) * ns.repeats * len(systems), unit="run", file=sys.stderr)
     for rep in range(ns.repeats):
         for i, p in enumerate(prompts):
             ids = encoder.encode_prompt(p.text)
-            order = systems[(i + rep) % len(systems) :] + systems[: (i + rep) % len(systems)]
-            results = {}
+            shift = (i + rep) % len(systems)
+            order = systems[shift:] + systems[:shift]
+            results, drafts = {}, {}
             for s in order:
-                results[s.name] = run_one(s, target, ids, ns.max_new_tokens)
+                if s is recorder and rep == 0 and len(recorded) < n_record:
+                    with _recording(s.engine.proposers[0], drafts):
+                        results[s.name] = s.run(ids, ns.max_new_tokens)
+                    recorded.append(
+                        {
+                            "prompt_ids": ids,
+                            "output_ids": results[s.name]["token_ids"],
+                            "drafts": {str(n): d for n, d in drafts.items()},
+                        }
+                    )
+                else:
+                    results[s.name] = s.run(ids, ns.max_new_tokens)
                 bar.update(1)
             base = results["target"]["token_ids"]
-            equal = {s: r["token_ids"] == base for s, r in results.items()}
             records.append(
                 {
                     "id": p.id,
                     "category": p.category,
                     "repeat": rep,
                     "prompt_tokens": len(ids),
+                    "order": [s.name for s in order],
                     "results": results,
-                    "greedy_equal": equal,
+                    "greedy_equal": {
+                        s: (None if r["token_ids"] is None else r["token_ids"] == base)
+                        for s, r in results.items()
+                    },
                 }
             )
-            main = systems[1].name
-            sp = _median(
+            sp = spread(
                 [
                     r["results"][main]["tokens_per_s"] / r["results"]["target"]["tokens_per_s"]
                     for r in records
                 ]
             )
-            bar.set_postfix_str(f"median speedup {main}: {sp:.2f}x")
+            bar.set_postfix_str(f"{main} median speedup {sp['median']:.2f}x")
+            if getattr(ns, "out", None):  # a checkpoint, should the run be cut short
+                Path(ns.out, "partial.json").write_text(json.dumps(records))
     bar.close()
-    summary = summarise(records, [s.name for s in systems], "target")
+    throughput = None
+    if recorded and setup.server:
+        try:
+            throughput = _throughput(ns, setup, recorded)
+        except Exception as e:  # noqa: BLE001 - keep the prompt results
+            throughput = {"error": f"{type(e).__name__}: {e}"}
+    for s in systems:
+        s.close()
+    from specsplit.faces.split_bench import rss_bytes
+
     doc = {
-        "schema": "specsplit.bench/1",
+        "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "command": "specsplit " + " ".join(sys.argv[1:]) if ns.__dict__.get("func") else None,
+        "machine": _machine(),
         "config": {k: v for k, v in vars(ns).items() if k != "func"},
-        "target_backend": target.name,
-        "systems": [s.name for s in systems],
-        "summary": summary,
+        "target": {"name": ns.target, "backend": setup.target.name},
+        "baseline": "target",
+        "systems": [s.describe() for s in systems],
+        "skipped": skipped,
         "prompts": records,
+        "memory": {
+            "bench_process_peak_bytes": rss_bytes(os.getpid())[1],
+            "server_process_peak_bytes": rss_bytes(setup.server_pid)[1]
+            if setup.server_pid
+            else None,
+            "model_rss_bytes": setup.model_rss_bytes,
+        },
+        "throughput": throughput,
     }
-    (out / "results.json").write_text(json.dumps(doc, indent=1))
-    for name, r in summary["overall"].items():
-        sp = r["median_speedup"]
-        print(
-            f"{name:40s} {r['median_tokens_per_s']:7.2f} tok/s  speedup {sp:5.2f}x  "
-            f"acceptance {r['median_acceptance_rate'] or 0:.2f}  tau {r['median_mean_accepted_length'] or 0:.2f}  "
-            f"greedy-equal {r['greedy_equal_to_target']}"
+    return refresh(doc)
+
+
+def _throughput(ns: argparse.Namespace, setup: Setup, recorded: list[dict]) -> dict:
+    """Replaying clients against the server, for each client count."""
+    from specsplit.faces.split_bench import replay_clients
+
+    address = f"{setup.server[0]}:{setup.server[1]}"
+    rows = []
+    for c in (int(x) for x in _csv(ns.clients)):
+        recs = [recorded[i % len(recorded)] for i in range(c)]
+        row = replay_clients(
+            address, setup.server_http_port, setup.target.tokenizer, recs, 16, ns.max_new_tokens
         )
-    print(f"wrote {out / 'results.json'}")
+        rows.append({"clients": c, **row})
+    return {"max_batch": 8, "k": 16, "rows": rows}
+
+
+def _machine() -> dict:
+    out = {
+        "cpus": len(os.sched_getaffinity(0)),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+    }
+    for mod in ("torch", "transformers", "llama_cpp"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - an optional package
+            out[mod] = None
+    return out
+
+
+def write_outputs(doc: dict, out: Path) -> None:
+    """results.json, results.csv, plots and report.md in out."""
+    from specsplit.faces.bench_report import write_report
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(doc, indent=1))
+    write_report([doc], out)
+
+
+@contextmanager
+def _server(ns: argparse.Namespace, out: Path) -> Iterator[tuple | None]:
+    """`specsplit serve` in a subprocess when a split system or throughput needs it."""
+    if not (_csv(ns.rtt) or _csv(ns.cloud_rtt) or _csv(ns.clients)):
+        yield None
+        return
+    from specsplit.faces.split_bench import free_port, serve_args, start_server, stop_server
+
+    port, http = free_port(), free_port()
+    extra = ["--max-batch", "8", "--max-sessions", "64", "--http-port", str(http)]
+    if ns.threads:
+        extra += ["--threads", str(ns.threads)]
+    proc = start_server(serve_args(ns, *extra), port, out / "server.log")
+    try:
+        yield ("127.0.0.1", port), http, proc.pid
+    finally:
+        stop_server(proc)
+
+
+def cmd_bench(ns: argparse.Namespace) -> int:
+    from specsplit import registry
+    from specsplit.backends.load import load_backend
+    from specsplit.faces.split_bench import rss_bytes
+
+    out = Path(ns.out)
+    out.mkdir(parents=True, exist_ok=True)
+    prompts = load_prompts(ns)
+    rss: dict[str, int] = {}
+
+    def load(what: str, fn):  # noqa: ANN001, ANN202
+        before = rss_bytes(os.getpid())[0]
+        obj = fn()
+        rss[what] = rss_bytes(os.getpid())[0] - before
+        return obj
+
+    target = load(
+        f"target {ns.target} ({ns.target_backend})",
+        lambda: load_backend(ns.target_backend, ns.target, threads=ns.threads, n_ctx=4096),
+    )
+    draft = load(
+        f"draft {ns.draft} ({ns.draft_backend})",
+        lambda: load_backend(ns.draft_backend, ns.draft, threads=ns.threads, n_ctx=4096),
+    )
+    assistant = None
+    if "assisted" in _csv(ns.hf) and ns.target_backend == "torch":
+        from specsplit.backends.torch_backend import TorchBackend
+
+        assistant = load(
+            f"HF assistant {ns.draft} (torch)",
+            lambda: TorchBackend.load(ns.draft, threads=ns.threads).model,
+        )
+    gguf = draft_gguf = None
+    if ns.target_backend == "llama.cpp" or ns.llama_speculative:
+        gguf, draft_gguf = registry.resolve_gguf(ns.target), registry.resolve_gguf(ns.draft)
+    with _server(ns, out) as srv:
+        setup = Setup(
+            target,
+            draft,
+            ns.draft,
+            assistant,
+            server=srv[0] if srv else None,
+            server_http_port=srv[1] if srv else None,
+            server_pid=srv[2] if srv else None,
+            gguf=gguf,
+            draft_gguf=draft_gguf,
+            model_rss_bytes=rss,
+        )
+        try:
+            doc = run_bench(ns, setup, prompts)
+        finally:
+            for px in setup.proxies:
+                px.stop()
+    write_outputs(doc, out)
+    for name, r in doc["summary"]["overall"].items():
+        sp = (r["speedup"] or {}).get("median") or 0.0
+        tps = (r["tokens_per_s"] or {}).get("median") or 0.0
+        eq = r["greedy_equal"] or {"equal": "-", "of": "-"}
+        print(
+            f"{name:36s} {tps:7.2f} tok/s  speedup {sp:5.2f}x  "
+            f"acceptance {r['acceptance_rate'] or 0:.2f}  greedy-equal {eq['equal']}/{eq['of']}"
+        )
+    print(f"wrote {out}/results.json, results.csv, report.md")
+    return 0
+
+
+def cmd_report(ns: argparse.Namespace) -> int:
+    from specsplit.faces.bench_report import load_docs, readme_section, update_readme, write_report
+
+    docs = [refresh(d) for d in load_docs([Path(p) for p in ns.runs])]
+    out = Path(ns.out)
+    report = write_report(docs, out)
+    print(f"wrote {report}")
+    if ns.readme:
+        readme = Path(ns.readme)
+        rel = os.path.relpath(report, readme.parent)
+        changed = update_readme(readme, readme_section(docs, rel))
+        print(f"{readme}: {'updated' if changed else 'unchanged'}")
     return 0

@@ -385,46 +385,11 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
         try:
             address = f"127.0.0.1:{port}"
             _client_run(address, tokenizer, recs[0], ns.k, 4)  # warm-up
-            before = _scrape(http_port)
-            per: list[dict | None] = [None] * len(recs)
-
-            def run(i: int, per: list = per, address: str = address) -> None:
-                per[i] = _client_run(address, tokenizer, recs[i], ns.k, ns.max_new_tokens)
-
-            t0 = time.perf_counter()
-            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(recs))]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            wall = time.perf_counter() - t0
-            after = _scrape(http_port)
+            row = replay_clients(address, http_port, tokenizer, recs, ns.k, ns.max_new_tokens)
         finally:
             stop_server(server)
-        tokens = sum(p["new_tokens"] for p in per)
-        # decode phase: from the moment every client has its first token to the last token
-        t_all = max(p["chunks"][0][0] for p in per)
-        t_end = max(p["chunks"][-1][0] for p in per)
-        decode_tokens = sum(n for p in per for t, n in p["chunks"] if t > t_all)
-        passes = after["passes_total"] - before["passes_total"]
-        tbt = [g for p in per for g in p["tbt_s"]]
-        results[f"max_batch={max_batch}"] = {
-            "clients": len(recs),
-            "wall_s": wall,
-            "server_tokens_per_s": tokens / wall,
-            "decode_phase_tokens_per_s": decode_tokens / max(1e-9, t_end - t_all),
-            "tokens": tokens,
-            "batched_passes": passes,
-            "target_passes_per_token": passes / tokens,
-            "mean_batch_size": (after["rounds_total"] - before["rounds_total"]) / max(1, passes),
-            "median_ttft_s": statistics.median(p["ttft_s"] for p in per),
-            "p50_tbt_s": float(np.percentile(tbt, 50)),
-            "p99_tbt_s": float(np.percentile(tbt, 99)),
-            "greedy_equal": [p["greedy_equal"] for p in per],
-        }
-        print(
-            f"max_batch={max_batch}: " + json.dumps(results[f"max_batch={max_batch}"]), flush=True
-        )
+        results[f"max_batch={max_batch}"] = {"clients": len(recs), **row}
+        print(f"max_batch={max_batch}: " + json.dumps(row), flush=True)
     keys = list(results)
     if len(keys) == 2:
         a, b = results[keys[0]], results[keys[1]]
@@ -433,6 +398,47 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
             a["decode_phase_tokens_per_s"] / b["decode_phase_tokens_per_s"]
         )
     return {"config": _config(ns), "results": results}
+
+
+def replay_clients(
+    address: str, http_port: int, tokenizer, recs: list[dict], k: int, max_new: int  # noqa: ANN001
+) -> dict:
+    """One replaying client per recorded prompt, all at once, against a running server;
+    server throughput, batching and latency figures."""
+    before = _scrape(http_port)
+    per: list[dict | None] = [None] * len(recs)
+
+    def run(i: int) -> None:
+        per[i] = _client_run(address, tokenizer, recs[i], k, max_new)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(recs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    after = _scrape(http_port)
+    tokens = sum(p["new_tokens"] for p in per)
+    # decode phase: from the moment every client has its first token to the last token
+    t_all = max(p["chunks"][0][0] for p in per)
+    t_end = max(p["chunks"][-1][0] for p in per)
+    decode_tokens = sum(n for p in per for t, n in p["chunks"] if t > t_all)
+    passes = after["passes_total"] - before["passes_total"]
+    tbt = [g for p in per for g in p["tbt_s"]]
+    return {
+        "wall_s": wall,
+        "server_tokens_per_s": tokens / wall,
+        "decode_phase_tokens_per_s": decode_tokens / max(1e-9, t_end - t_all),
+        "tokens": tokens,
+        "batched_passes": passes,
+        "target_passes_per_token": passes / tokens,
+        "mean_batch_size": (after["rounds_total"] - before["rounds_total"]) / max(1, passes),
+        "median_ttft_s": statistics.median(p["ttft_s"] for p in per),
+        "p50_tbt_s": float(np.percentile(tbt, 50)) if tbt else None,
+        "p99_tbt_s": float(np.percentile(tbt, 99)) if tbt else None,
+        "greedy_equal": [p["greedy_equal"] for p in per],
+    }
 
 
 def _scrape(http_port: int) -> dict:

@@ -1,0 +1,152 @@
+"""Summaries of `specsplit bench` runs: medians and spreads, pooled acceptance, speedups
+from the same prompt and repeat, and the physical limit of each speculative system
+(docs/bench_results.md defines every key)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def spread(xs: list[float | None]) -> dict | None:
+    """Median and quartiles of the values present."""
+    v = [float(x) for x in xs if x is not None]
+    if not v:
+        return None
+    p25, p50, p75 = np.percentile(v, [25, 50, 75])
+    return {"median": float(p50), "p25": float(p25), "p75": float(p75)}
+
+
+def _sum(rows: list[dict], key: str) -> float:
+    return float(sum(r.get(key) or 0 for r in rows))
+
+
+def _pooled_positions(rows: list[dict]) -> list[float] | None:
+    prop: list[int] = []
+    acc: list[int] = []
+    for r in rows:
+        for i, (p, a) in enumerate(zip(r.get("pos_proposed") or [], r.get("pos_accepted") or [])):
+            if i == len(prop):
+                prop.append(0)
+                acc.append(0)
+            prop[i] += p
+            acc[i] += a
+    return [a / p if p else 0.0 for a, p in zip(acc, prop)] or None
+
+
+def summarise_system(records: list[dict], system: str, baseline: str) -> dict:
+    """One system over the given prompt records."""
+    pairs = [
+        (r["results"][system], r["results"][baseline])
+        for r in records
+        if system in r["results"] and baseline in r["results"]
+    ]
+    rows = [s for s, _ in pairs]
+    proposed, new = _sum(rows, "proposed"), _sum(rows, "new_tokens")
+    passes = _sum(rows, "target_passes")
+    total = _sum(rows, "total_s")
+    split = {k: _sum(rows, f"{k}_s") for k in ("draft", "network", "verify", "queue")}
+    eq = [r["greedy_equal"].get(system) for r in records if system in r["results"]]
+    return {
+        "prompts": len(rows),
+        "tokens_per_s": spread([s["tokens_per_s"] for s in rows]),
+        "decode_tokens_per_s": spread([s["decode_tokens_per_s"] for s in rows]),
+        "time_to_first_token_s": spread([s["time_to_first_token_s"] for s in rows]),
+        "ms_per_token": spread(
+            [1000 * s["total_s"] / s["new_tokens"] for s in rows if s["new_tokens"]]
+        ),
+        "speedup": spread(
+            [s["tokens_per_s"] / b["tokens_per_s"] for s, b in pairs if b["tokens_per_s"] > 0]
+        ),
+        "decode_speedup": spread(
+            [
+                s["decode_tokens_per_s"] / b["decode_tokens_per_s"]
+                for s, b in pairs
+                if b["decode_tokens_per_s"] > 0
+            ]
+        ),
+        "acceptance_rate": _sum(rows, "accepted") / proposed if proposed else None,
+        "mean_accepted_length": new / passes if passes else None,
+        "target_passes_per_token": passes / new if passes and new else None,
+        "per_position_acceptance": _pooled_positions(rows),
+        "time_split": (
+            {**{k: v / total for k, v in split.items()}, "other": 1 - sum(split.values()) / total}
+            if total > 0 and any(split.values())
+            else None
+        ),
+        "bytes_per_token": (spread([s.get("bytes_per_token") for s in rows]) or {}).get("median"),
+        "greedy_equal": (
+            None
+            if any(e is None for e in eq)
+            else {"equal": sum(bool(e) for e in eq), "of": len(eq)}
+        ),
+    }
+
+
+def summarise(records: list[dict], systems: list[str], baseline: str) -> dict:
+    """Every system, overall and per category."""
+    cats = sorted({r["category"] for r in records})
+    return {
+        "overall": {s: summarise_system(records, s, baseline) for s in systems},
+        "per_category": {
+            c: {
+                s: summarise_system([r for r in records if r["category"] == c], s, baseline)
+                for s in systems
+            }
+            for c in cats
+        },
+    }
+
+
+def physical_limit(
+    records: list[dict], system: str, baseline: str, summary: dict, overlapped: bool = False
+) -> dict | None:
+    """The speedup the ideal speculation would give for this system's measured acceptance
+    and costs: expected tokens per round over the round's measured cost, against the
+    baseline's measured decode time per token. A system that drafts the next round while
+    one is verified (``overlapped``, the edge) ideally hides the shorter of the two, so its
+    round costs the longer one. None for systems without rounds."""
+    rows = [r["results"][system] for r in records if system in r["results"]]
+    base = [r["results"][baseline] for r in records if baseline in r["results"]]
+    passes = _sum(rows, "target_passes")
+    alpha = _pooled_positions(rows)
+    lengths = [k for r in rows for k in (r.get("draft_lengths") or [])]
+    if not passes or not alpha or not lengths:
+        return None
+    survive = np.cumprod(alpha)  # [K_max] P(first i+1 draft tokens all accepted)
+    expected = float(np.mean([1 + survive[:k].sum() for k in lengths]))
+    draft = _sum(rows, "draft_s") / passes
+    rest = (_sum(rows, "network_s") + _sum(rows, "verify_s") + _sum(rows, "queue_s")) / passes
+    decoded = sum(max(0, b["new_tokens"] - 1) for b in base)
+    base_time = sum(b["total_s"] - b["time_to_first_token_s"] for b in base)
+    cost = max(draft, rest) if overlapped else draft + rest
+    if not decoded or base_time <= 0 or cost <= 0:
+        return None
+    per_token = base_time / decoded
+    measured = (summary.get("decode_speedup") or {}).get("median")
+    return {
+        "expected_tokens_per_round": expected,
+        "round_cost_s": cost,
+        "baseline_s_per_token": per_token,
+        "limit_speedup": expected / cost * per_token,
+        "free_draft_limit_speedup": expected / rest * per_token if rest > 0 else None,
+        "measured_decode_speedup": measured,
+    }
+
+
+def refresh(doc: dict) -> dict:
+    """Summary and physical limits recomputed from a results document's per-prompt runs."""
+    names = [s["name"] for s in doc["systems"]]
+    base = doc["baseline"]
+    doc["summary"] = summarise(doc["prompts"], names, base)
+    limits = {
+        s["name"]: physical_limit(
+            doc["prompts"],
+            s["name"],
+            base,
+            doc["summary"]["overall"][s["name"]],
+            overlapped=s["kind"] == "edge-cloud",
+        )
+        for s in doc["systems"]
+    }
+    doc["physical_limit"] = {k: v for k, v in limits.items() if v is not None}
+    return doc

@@ -1,0 +1,194 @@
+"""The whole `specsplit bench` on tiny models: every system kind that runs without a GGUF,
+the schema, the ratios recomputed from the per-prompt times it wrote, greedy equality."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+
+import pytest
+
+from conftest import perturbed, tiny_llama
+from specsplit.backends.byte_tokenizer import ByteTokenizer
+from specsplit.backends.torch_backend import TorchBackend
+from specsplit.faces.bench import SCHEMA, Setup, add_bench_parser, run_bench, write_outputs
+from specsplit.faces.bench_summary import summarise
+from specsplit.faces.prompts import Prompt
+from specsplit.proposers.ngram import NGramProposer
+from specsplit.transport.server import ServerConfig, SpecsplitServer
+
+PROMPTS = [
+    Prompt("a/0", "alpha", "the cat sat on the mat and the cat sat"),
+    Prompt("a/1", "alpha", "abcabcabcabc"),
+    Prompt("b/0", "beta", "hello hello world"),
+]
+
+
+def _ns(out, *extra: str) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    add_bench_parser(ap.add_subparsers())
+    ns = ap.parse_args(["bench", "--out", str(out), "--max-new-tokens", "20", *extra])
+    ns.target, ns.func = "tiny", None
+    return ns
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    tok = ByteTokenizer(300)
+    target_model = tiny_llama(vocab=300, seed=0)
+    draft_model = perturbed(target_model, 0.08, seed=1)
+    target = TorchBackend(target_model, tok)
+    srv = SpecsplitServer(
+        TorchBackend(target_model, tok),
+        "tiny",
+        ServerConfig(port=0, http_port=0, rate=None, batch_window=0.01),
+        make_proposers=lambda: [NGramProposer()],
+    )
+    srv.start()
+    ns = _ns(
+        out,
+        *("--rtt", "0,10", "--cloud-rtt", "10", "--hf", "assisted,prompt-lookup", "--k", "3"),
+        *("--llama-cpp-python", "plain,prompt-lookup", "--clients", "1,2", "--repeats", "2"),
+    )
+    setup = Setup(
+        target,
+        TorchBackend(draft_model, tok),
+        "tinydraft",
+        assistant=draft_model,
+        server=("127.0.0.1", srv.port),
+        server_http_port=srv.http.port,
+    )
+    try:
+        doc = run_bench(ns, setup, PROMPTS)
+    finally:
+        for px in setup.proxies:
+            px.stop()
+        srv.stop(grace=0)
+    write_outputs(doc, out)
+    return doc, out
+
+
+def test_every_system_ran_every_prompt_and_repeat(run):
+    doc, _ = run
+    names = [s["name"] for s in doc["systems"]]
+    kinds = {s["kind"] for s in doc["systems"]}
+    assert kinds == {"target", "specsplit-local", "edge-cloud", "cloud-only", "hf"}
+    assert names[:4] == ["target", "spec[tinydraft]", "spec[ngram]", "spec[tinydraft+ngram]"]
+    assert {"edge[tinydraft]@0ms", "edge[tinydraft]@10ms", "cloud-only@10ms"} <= set(names)
+    assert {"hf-assisted[tinydraft]", "hf-prompt-lookup"} <= set(names)
+    skipped = {s["name"] for s in doc["skipped"]}
+    assert {"llama-cpp-python", "llama-cpp-python-prompt-lookup", "llama-speculative"} <= skipped
+    assert len(doc["prompts"]) == len(PROMPTS) * 2
+    orders = {tuple(r["order"]) for r in doc["prompts"]}
+    assert len(orders) > 1  # interleaved: the order rotates
+    for r in doc["prompts"]:
+        assert set(r["results"]) == set(names)
+        for res in r["results"].values():
+            assert res["new_tokens"] == 20 and len(res["token_ids"]) == 20
+            assert res["tokens_per_s"] == pytest.approx(res["new_tokens"] / res["total_s"])
+
+
+def test_schema_and_outputs(run):
+    doc, out = run
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["schema"] == SCHEMA == doc["schema"]
+    for key in ("machine", "config", "target", "baseline", "systems", "skipped", "prompts"):
+        assert key in on_disk
+    for key in ("summary", "physical_limit", "memory", "throughput"):
+        assert key in on_disk
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert len(rows) == len(doc["prompts"]) * len(doc["systems"])
+    for name in ("speedup_by_category", "acceptance_by_position", "tokens_per_s_vs_rtt"):
+        assert (out / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "throughput_vs_clients.png").exists()
+    report = (out / "report.md").read_text()
+    assert all(s["name"] in report for s in doc["systems"])
+    assert "physical limit" in report.lower()
+
+
+def test_speedups_are_ratios_of_the_times_it_wrote(run):
+    doc, _ = run
+    recs = doc["prompts"]
+    for name, summ in doc["summary"]["overall"].items():
+        ratios = [
+            (r["results"][name]["new_tokens"] / r["results"][name]["total_s"])
+            / (r["results"]["target"]["new_tokens"] / r["results"]["target"]["total_s"])
+            for r in recs
+        ]
+        assert summ["speedup"]["median"] == pytest.approx(statistics.median(ratios))
+    for cat, block in doc["summary"]["per_category"].items():
+        rs = [r for r in recs if r["category"] == cat]
+        ratios = [
+            r["results"]["spec[ngram]"]["tokens_per_s"] / r["results"]["target"]["tokens_per_s"]
+            for r in rs
+        ]
+        assert block["spec[ngram]"]["speedup"]["median"] == pytest.approx(statistics.median(ratios))
+    assert doc["summary"]["overall"]["target"]["speedup"]["median"] == pytest.approx(1.0)
+
+
+def test_specsplit_systems_equal_target_greedy_and_the_flag_says_so(run):
+    doc, _ = run
+    for r in doc["prompts"]:
+        base = r["results"]["target"]["token_ids"]
+        for name, res in r["results"].items():
+            assert r["greedy_equal"][name] == (res["token_ids"] == base)
+    kinds = {s["name"]: s["kind"] for s in doc["systems"]}
+    for name, summ in doc["summary"]["overall"].items():
+        if kinds[name] != "hf":
+            assert summ["greedy_equal"] == {"equal": 6, "of": 6}, name
+
+
+def test_acceptance_counts_and_physical_limit(run):
+    doc, _ = run
+    spec = doc["summary"]["overall"]["spec[tinydraft]"]
+    rows = [r["results"]["spec[tinydraft]"] for r in doc["prompts"]]
+    acc = sum(x["accepted"] for x in rows) / sum(x["proposed"] for x in rows)
+    assert spec["acceptance_rate"] == pytest.approx(acc)
+    assert spec["mean_accepted_length"] >= 1
+    # every pass emits its accepted tokens plus one: new = first token + accepted + passes
+    for x in rows:
+        assert x["new_tokens"] <= 1 + x["accepted"] + x["target_passes"]
+    assert doc["summary"]["overall"]["target"]["acceptance_rate"] is None
+    lim = doc["physical_limit"]["spec[tinydraft]"]
+    assert lim["limit_speedup"] > 0 and lim["free_draft_limit_speedup"] >= lim["limit_speedup"]
+    assert (
+        1
+        <= lim["expected_tokens_per_round"]
+        <= 1 + max(x for r in rows for x in r["draft_lengths"])
+    )
+    edge = doc["summary"]["overall"]["edge[tinydraft]@10ms"]
+    assert edge["bytes_per_token"] > 0 and edge["time_split"]["network"] > 0
+
+
+def test_throughput_rows_replay_exactly(run):
+    doc, _ = run
+    rows = doc["throughput"]["rows"]
+    assert [r["clients"] for r in rows] == [1, 2]
+    assert all(all(r["greedy_equal"]) and r["server_tokens_per_s"] > 0 for r in rows)
+
+
+def test_summary_counts_a_differing_run():
+    def res(ids, t):
+        return {
+            "token_ids": ids,
+            "new_tokens": len(ids),
+            "total_s": t,
+            "tokens_per_s": len(ids) / t,
+            "decode_tokens_per_s": (len(ids) - 1) / t,
+            "time_to_first_token_s": 0.0,
+        }
+
+    recs = [
+        {
+            "category": "c",
+            "results": {"target": res([1, 2], 2.0), "x": res(ids, 1.0)},
+            "greedy_equal": {"target": True, "x": ids == [1, 2]},
+        }
+        for ids in ([1, 2], [1, 3], [1, 2])
+    ]
+    s = summarise(recs, ["target", "x"], "target")["overall"]["x"]
+    assert s["greedy_equal"] == {"equal": 2, "of": 3}
+    assert s["speedup"]["median"] == pytest.approx(2.0)
