@@ -26,6 +26,10 @@ demo-local:  ## the same on one process (no server)
 test: setup  ## unit, exactness and integration tests (SmolLM2-135M); slow ones excluded
 	$(PY) -m pytest -q
 
+bench: setup  ## the committed benchmark report and README section (about 100 min here)
+	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+	PY=$(PY) bash scripts/bench_report.sh
+
 test-slow: setup  ## the slow tests on the Qwen models
 	$(PY) -m pytest -q -m slow
 

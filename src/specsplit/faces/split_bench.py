@@ -401,7 +401,12 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
 
 
 def replay_clients(
-    address: str, http_port: int, tokenizer, recs: list[dict], k: int, max_new: int  # noqa: ANN001
+    address: str,
+    http_port: int,
+    tokenizer,
+    recs: list[dict],
+    k: int,
+    max_new: int,  # noqa: ANN001
 ) -> dict:
     """One replaying client per recorded prompt, all at once, against a running server;
     server throughput, batching and latency figures."""

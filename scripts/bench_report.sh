@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The committed benchmark report (benchmarks/report) and the README's performance section:
+# the Qwen2.5-Coder pair on both target backends, HumanEval and the six Spec-Bench
+# categories. About 100 minutes on a 2-core CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+if [ "${SKIP_TORCH:-0}" != 1 ]; then
+  $PY -m specsplit.faces.cli bench --target-backend torch --suite humaneval,spec-bench \
+    --humaneval-limit 10 --limit 3 --max-new-tokens 64 --rtt 20 --cloud-rtt 20 \
+    --hf assisted,prompt-lookup --clients 1,2,4,8 --out bench_runs/report_torch
+fi
+$PY -m specsplit.faces.cli bench --target-backend llama.cpp --suite humaneval,spec-bench \
+  --humaneval-limit 20 --limit 5 --max-new-tokens 64 --drafters model,ngram --rtt 0,80 \
+  --cloud-rtt "" --llama-cpp-python prompt-lookup --out bench_runs/report_llamacpp
+$PY -m specsplit.faces.cli bench-report bench_runs/report_torch bench_runs/report_llamacpp \
+  --out benchmarks/report --readme README.md
