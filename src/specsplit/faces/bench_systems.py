@@ -60,6 +60,24 @@ def _timed(new: list[int], hit_eos: bool, t_first: float | None, total: float) -
     }
 
 
+def _with_counts(res: dict, passes: int, proposed: int | None) -> dict:
+    """Add pass and draft counts of a system that only reports its forward passes (after
+    the prefill) and its draft tokens: each pass emits its accepted draft tokens plus one,
+    and the prefill emits the first token, so accepted = new - 1 - passes."""
+    passes = max(0, passes)
+    res.update(
+        target_passes=passes, mean_accepted_length=res["new_tokens"] / passes if passes else None
+    )
+    if proposed is not None:
+        accepted = max(0, res["new_tokens"] - 1 - passes)
+        res.update(
+            proposed=proposed,
+            accepted=accepted,
+            acceptance_rate=accepted / proposed if proposed else None,
+        )
+    return res
+
+
 def _engine_figures(res, wire: tuple[int, int] | None = None) -> dict:  # noqa: ANN001
     """Figures of a DecodeLoop result (``wire``: bytes up and down counted by a proxy)."""
     st = res.stats
@@ -225,16 +243,7 @@ class HFSystem(System):
         if hit is not None:
             new = new[:hit]
         res = _timed(new, hit is not None, clock.first, total)
-        passes = max(0, self._calls - 1)
-        accepted = max(0, res["new_tokens"] - 1 - passes)  # each pass adds one non-draft token
-        res.update(
-            target_passes=passes,
-            proposed=self._proposed,
-            accepted=accepted,
-            acceptance_rate=accepted / self._proposed if self._proposed else None,
-            mean_accepted_length=res["new_tokens"] / passes if passes else None,
-        )
-        return res
+        return _with_counts(res, self._calls - 1, self._proposed)
 
 
 class LlamaCppPythonSystem(System):
@@ -290,19 +299,8 @@ class LlamaCppPythonSystem(System):
             if len(new) >= max_new:
                 break
         res = _timed(new, eos, t_first, time.perf_counter() - t0)
-        passes = max(0, self._passes - 1)
-        if self.llm.draft_model is not None:
-            accepted = max(0, res["new_tokens"] - 1 - passes)
-            res.update(
-                target_passes=passes,
-                proposed=self._proposed,
-                accepted=accepted,
-                acceptance_rate=accepted / self._proposed if self._proposed else None,
-                mean_accepted_length=res["new_tokens"] / passes if passes else None,
-            )
-        else:
-            res["target_passes"] = passes
-        return res
+        drafts = self._proposed if self.llm.draft_model is not None else None
+        return _with_counts(res, self._passes - 1, drafts)
 
     def close(self) -> None:
         self.llm.close()
