@@ -159,6 +159,7 @@ def test_acceptance_counts_and_physical_limit(run):
         <= lim["expected_tokens_per_round"]
         <= 1 + max(x for r in rows for x in r["draft_lengths"])
     )
+    assert "edge[tinydraft]@10ms" not in doc["physical_limit"]  # its costs overlap
     edge = doc["summary"]["overall"]["edge[tinydraft]@10ms"]
     assert edge["bytes_per_token"] > 0 and edge["time_split"]["network"] > 0
 

@@ -471,15 +471,25 @@ def readme_section(docs: list[dict], report_rel: str) -> str:
             [
                 s["name"],
                 _num(_med(r, "tokens_per_s"), ".1f"),
+                _num(_med(r, "decode_tokens_per_s"), ".1f"),
+                _num(_med(r, "time_to_first_token_s")),
                 _num(_med(r, "speedup"), ".2f", "x"),
                 _num(r.get("acceptance_rate")),
+                _num(r.get("mean_accepted_length")),
                 _equal(r.get("greedy_equal")),
             ]
             for s in _systems(doc)
             if (r := _overall(doc).get(s["name"])) is not None
         ]
-        lines += [f"**{_title(doc)}**", ""]
-        lines += _table(["system", "tok/s", "speedup", "acceptance", "greedy equal"], rows) + [""]
+        ms = _med(_overall(doc).get(_baseline(doc)), "ms_per_token")
+        lines += [
+            f"**{_title(doc)}**: {_limits_line(doc)} Target alone: {_num(ms, '.0f')} ms/token.",
+            "",
+        ]
+        header = ["system", "tok/s", "decode tok/s", "TTFT s", "speedup", "acceptance", "tau"]
+        lines += _table([*header, "greedy equal"], rows) + [""]
+        if limits := physical_limit_lines(doc):
+            lines += ["Physical limit:", "", *[f"- {line}" for line in limits], ""]
         if main := _main_system(doc):
             per = [
                 f"{c} {_num(_med(s.get(main), 'speedup'), '.2f', 'x')}"
