@@ -11,7 +11,7 @@ if [ "${SKIP_TORCH:-0}" != 1 ]; then
     --hf assisted,prompt-lookup --clients 1,2,4,8 --out bench_runs/report_torch
 fi
 $PY -m specsplit.faces.cli bench --target-backend llama.cpp --suite humaneval,spec-bench \
-  --humaneval-limit 20 --limit 5 --max-new-tokens 64 --drafters model,ngram --rtt 80 \
+  --humaneval-limit 20 --limit 5 --max-new-tokens 64 --drafters model,ngram --rtt 0,80 \
   --cloud-rtt "" --llama-cpp-python prompt-lookup --out bench_runs/report_llamacpp
 $PY -m specsplit.faces.cli bench-report bench_runs/report_torch bench_runs/report_llamacpp \
   --out benchmarks/report --readme README.md
