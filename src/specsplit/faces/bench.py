@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -374,6 +375,17 @@ def _machine() -> dict:
         "processor": platform.processor() or platform.machine(),
         "python": platform.python_version(),
     }
+    try:  # the code that ran: commit, and whether the work tree differed from it
+        git = ["git", "-C", str(Path(__file__).parent)]
+        head = subprocess.run(
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "-uno"], capture_output=True, text=True
+        )
+        out["commit"] = head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "") or None
+    except OSError:
+        out["commit"] = None
     for mod in ("torch", "transformers", "llama_cpp"):
         try:
             out[mod] = __import__(mod).__version__
