@@ -153,7 +153,9 @@ def test_acceptance_counts_and_physical_limit(run):
         assert x["new_tokens"] <= 1 + x["accepted"] + x["target_passes"]
     assert doc["summary"]["overall"]["target"]["acceptance_rate"] is None
     lim = doc["physical_limit"]["spec[tinydraft]"]
-    assert lim["limit_speedup"] > 0 and lim["free_draft_limit_speedup"] >= lim["limit_speedup"]
+    assert 0 < lim["limit_speedup"] <= lim["free_draft_limit_speedup"]
+    assert lim["best_k_limit_speedup"] <= lim["free_draft_limit_speedup"] + 1e-9
+    assert 1 <= lim["best_k"] <= len(spec["per_position_acceptance"])
     assert (
         1
         <= lim["expected_tokens_per_round"]

@@ -120,8 +120,10 @@ def make_doc(backend: str = "torch") -> dict:
                 "round_cost_s": 0.2,
                 "baseline_s_per_token": 0.1,
                 "limit_speedup": 2.1,
+                "best_k": 6,
+                "best_k_limit_speedup": 2.3,
                 "free_draft_limit_speedup": 2.6,
-                "measured_decode_speedup": 1.6,
+                "measured_speedup": 1.6,
             }
         },
         "memory": {
@@ -210,8 +212,8 @@ def test_report_mentions_systems_and_embeds_plots(tmp_path):
     assert "100.0 ms/token" in text  # the baseline's time per token
     assert "no binary given" in text and "3.00 GB" in text
     assert br.physical_limit_lines(docs[0])[0] == (
-        f"{SPEC}: measured decode speedup 1.60x; physical limit 2.10x with measured costs, "
-        "2.60x with free drafting; expected tokens/round 3.10"
+        f"{SPEC}: measured 1.60x after the prefill; physical limit 2.10x at the K it chose "
+        "(3.10 tokens per 0.20 s round), 2.30x at the best fixed K (6), 2.60x with free drafting"
     )
     assert "| 4 | 40.0 | 48.0 |" in text  # throughput row for 4 clients
 

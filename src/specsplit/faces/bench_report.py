@@ -303,10 +303,13 @@ def physical_limit_lines(doc: dict) -> list[str]:
     for name in order:
         lim = limits[name]
         lines.append(
-            f"{name}: measured decode speedup {_num(lim.get('measured_decode_speedup'), '.2f', 'x')}; "
-            f"physical limit {_num(lim.get('limit_speedup'), '.2f', 'x')} with measured costs, "
-            f"{_num(lim.get('free_draft_limit_speedup'), '.2f', 'x')} with free drafting; "
-            f"expected tokens/round {_num(lim.get('expected_tokens_per_round'), '.2f')}"
+            f"{name}: measured {_num(lim.get('measured_speedup'), '.2f', 'x')} after the "
+            f"prefill; physical limit {_num(lim.get('limit_speedup'), '.2f', 'x')} at the K it "
+            f"chose ({_num(lim.get('expected_tokens_per_round'), '.2f')} tokens per "
+            f"{_num(lim.get('round_cost_s'), '.2f')} s round), "
+            f"{_num(lim.get('best_k_limit_speedup'), '.2f', 'x')} at the best fixed K "
+            f"({lim.get('best_k', DASH)}), "
+            f"{_num(lim.get('free_draft_limit_speedup'), '.2f', 'x')} with free drafting"
         )
     return lines
 

@@ -97,35 +97,53 @@ def summarise(records: list[dict], systems: list[str], baseline: str) -> dict:
     }
 
 
-def physical_limit(records: list[dict], system: str, baseline: str, summary: dict) -> dict | None:
-    """The speedup the ideal speculation would give for this system's measured acceptance
-    and costs: expected tokens per round over the round's measured cost, against the
-    baseline's measured decode time per token. None for systems without rounds."""
+def _decode_rate(rows: list[dict], start: str) -> float | None:
+    """Pooled tokens/s after the first token (``start``: the seconds to leave out)."""
+    n = sum(max(0, r["new_tokens"] - 1) for r in rows)
+    t = sum(r["total_s"] - (r.get(start) or 0.0) for r in rows)
+    return n / t if n and t > 0 else None
+
+
+def physical_limit(records: list[dict], system: str, baseline: str) -> dict | None:
+    """The speedup ideal speculation would give for this system's measured acceptance and
+    costs: expected tokens per round over the round's cost, against the baseline's
+    measured time per decoded token. Pooled over every run; None without draft tokens.
+
+    - at the K it chose: the rounds it ran, with nothing but drafting and verifying;
+    - at the best fixed K: max over K of E(K) / (K * draft s/token + pass s), E(K) = 1 +
+      sum_{i<=K} prod_{j<=i} a_j, the pass cost as measured (memory-bound passes cost
+      about the same for any K; compute-bound ones do not, so this is an upper bound);
+    - with free drafting: draft cost 0, the longest K measured.
+    K = 0 (the target alone, 1.0x) is always a choice of the last two.
+    The measured figure beside them is the pooled tokens/s after the prompt's prefill."""
     rows = [r["results"][system] for r in records if system in r["results"]]
     base = [r["results"][baseline] for r in records if baseline in r["results"]]
-    passes = _sum(rows, "target_passes")
+    passes, proposed = _sum(rows, "target_passes"), _sum(rows, "proposed")
     alpha = _pooled_positions(rows)
     lengths = [k for r in rows for k in (r.get("draft_lengths") or [])]
-    if not passes or not alpha or not lengths:
+    base_rate = _decode_rate(base, "time_to_first_token_s")
+    if not passes or not proposed or not alpha or not lengths or not base_rate:
         return None
-    survive = np.cumprod(alpha)  # [K_max] P(first i+1 draft tokens all accepted)
-    expected = float(np.mean([1 + survive[:k].sum() for k in lengths]))
-    draft = _sum(rows, "draft_s") / passes
-    rest = (_sum(rows, "network_s") + _sum(rows, "verify_s") + _sum(rows, "queue_s")) / passes
-    decoded = sum(max(0, b["new_tokens"] - 1) for b in base)
-    base_time = sum(b["total_s"] - b["time_to_first_token_s"] for b in base)
-    cost = draft + rest
-    if not decoded or base_time <= 0 or cost <= 0:
+    expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(alpha))])  # [K_max + 1] E(K)
+    chosen = float(np.mean([expected[min(k, len(alpha))] for k in lengths]))
+    per_draft = _sum(rows, "draft_s") / proposed
+    per_pass = (_sum(rows, "network_s") + _sum(rows, "verify_s") + _sum(rows, "queue_s")) / passes
+    cost = _sum(rows, "draft_s") / passes + per_pass
+    if per_pass <= 0:
         return None
-    per_token = base_time / decoded
-    measured = (summary.get("decode_speedup") or {}).get("median")
+    ks = np.arange(len(expected))
+    rate = expected / (ks * per_draft + per_pass)  # [K_max + 1] tokens/s at a fixed K
+    best = int(np.argmax(rate[1:])) + 1
+    measured = _decode_rate(rows, "prefill_s")
     return {
-        "expected_tokens_per_round": expected,
+        "expected_tokens_per_round": chosen,
         "round_cost_s": cost,
-        "baseline_s_per_token": per_token,
-        "limit_speedup": expected / cost * per_token,
-        "free_draft_limit_speedup": expected / rest * per_token if rest > 0 else None,
-        "measured_decode_speedup": measured,
+        "baseline_s_per_token": 1 / base_rate,
+        "limit_speedup": chosen / cost / base_rate,
+        "best_k": best,
+        "best_k_limit_speedup": max(1.0, float(rate[best]) / base_rate),
+        "free_draft_limit_speedup": max(1.0, float(expected[-1]) / per_pass / base_rate),
+        "measured_speedup": measured / base_rate if measured else None,
     }
 
 
@@ -137,9 +155,7 @@ def refresh(doc: dict) -> dict:
     # not for the edge: it drafts while a round is verified, on the server's CPU here, so its
     # draft and verify times overlap and add up to more than the wall time
     limits = {
-        s["name"]: physical_limit(
-            doc["prompts"], s["name"], base, doc["summary"]["overall"][s["name"]]
-        )
+        s["name"]: physical_limit(doc["prompts"], s["name"], base)
         for s in doc["systems"]
         if s["kind"] != "edge-cloud"
     }
