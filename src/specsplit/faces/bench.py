@@ -79,6 +79,9 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--llama-speculative", default=None, help="path of a llama-speculative binary")
     b.add_argument("--clients", default="", help="server throughput at these client counts")
     b.add_argument("--out", required=True, help="output folder")
+    b.add_argument(
+        "--resume", action="store_true", help="keep the prompts an interrupted run finished"
+    )
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("bench-report", help="one report from several bench runs")
     r.add_argument("runs", nargs="+", help="result folders or results.json files")
@@ -238,6 +241,14 @@ def _llama_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) ->
     return out
 
 
+def _resumed(ns: argparse.Namespace) -> list[dict]:
+    """With --resume, the prompt records of an interrupted run of the same settings."""
+    path = Path(ns.out, "partial.json")
+    if not getattr(ns, "resume", False) or not path.exists():
+        return []
+    return json.loads(path.read_text())
+
+
 @contextmanager
 def _recording(proposer, drafts: dict[int, list[int]]) -> Iterator[None]:  # noqa: ANN001
     """Record every draft the proposer makes, by the length of the context it drafted for."""
@@ -273,10 +284,15 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
     recorder = next((s for s in systems if s.name == f"spec[{setup.draft_name}]"), None)
     n_record = max((int(c) for c in _csv(ns.clients)), default=0)
     recorded: list[dict] = []
-    records: list[dict] = []
+    records: list[dict] = _resumed(ns)
+    done = {(r["id"], r["repeat"]) for r in records}
+    errors: list[dict] = []
     bar = tqdm(total=len(prompts) * ns.repeats * len(systems), unit="run", file=sys.stderr)
+    bar.update(len(records) * len(systems))
     for rep in range(ns.repeats):
         for i, p in enumerate(prompts):
+            if (p.id, rep) in done:
+                continue
             ids = encoder.encode_prompt(p.text)
             shift = (i + rep) % len(systems)
             order = systems[shift:] + systems[:shift]
@@ -293,7 +309,12 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
                         }
                     )
                 else:
-                    results[s.name] = s.run(ids, ns.max_new_tokens)
+                    try:
+                        results[s.name] = s.run(ids, ns.max_new_tokens)
+                    except Exception as e:  # noqa: BLE001 - one system failing is a result
+                        if s.kind in ("target", "specsplit-local"):
+                            raise
+                        errors.append({"system": s.name, "id": p.id, "error": repr(e)[:300]})
                 bar.update(1)
             base = results["target"]["token_ids"]
             records.append(
@@ -340,6 +361,7 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
         "baseline": "target",
         "systems": [s.describe() for s in systems],
         "skipped": skipped,
+        "errors": errors,
         "prompts": records,
         "memory": {
             "bench_process_peak_bytes": rss_bytes(os.getpid())[1],

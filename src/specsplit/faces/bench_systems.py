@@ -272,7 +272,8 @@ class LlamaCppPythonSystem(System):
             n_threads=threads,
             n_threads_batch=threads,
             draft_model=draft,
-            verbose=False,
+            logits_all=lookup > 0,  # with a drafter it keeps logits for every position; the
+            verbose=False,  # buffer is sized by this flag (n_batch rows otherwise)
         )
         self.eos = {self.llm.token_eos()}
         original = self.llm.eval
