@@ -216,3 +216,27 @@ accept    = 65.000%
     assert r["tokens_per_s"] == pytest.approx(64 / 4.45)
     assert (r["proposed"], r["accepted"]) == (80, 52)
     assert r["acceptance_rate"] == pytest.approx(0.65)
+
+
+def test_a_differing_run_is_located_and_its_tie_measured():
+    from specsplit.faces.bench_ties import annotate, top2_gap
+
+    tok = ByteTokenizer(300)
+    target = TorchBackend(tiny_llama(vocab=300, seed=0), tok)
+    prompt = tok.encode("abc", add_special=False)
+    base, other = [5, 6, 7, 8], [5, 6, 9, 8]
+    doc = {
+        "target": {"backend": "torch"},
+        "baseline": "target",
+        "prompts": [
+            {
+                "id": "p",
+                "results": {"target": {"token_ids": base}, "x": {"token_ids": other}},
+                "greedy_equal": {"target": True, "x": False},
+            }
+        ],
+    }
+    div = annotate(doc, target, {"p": prompt})["prompts"][0]["divergence"]
+    assert set(div) == {"x"} and div["x"]["position"] == 2
+    assert div["x"]["top2_gap"] == pytest.approx(top2_gap(target, prompt + [5, 6]))
+    assert div["x"]["near_tie"] == (div["x"]["top2_gap"] < 2e-3)

@@ -497,6 +497,11 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         finally:
             for px in setup.proxies:
                 px.stop()
+    from specsplit.faces.api import SpeculativeDecoder
+    from specsplit.faces.bench_ties import annotate
+
+    encoder = SpeculativeDecoder(target, None, warm_up=False)
+    refresh(annotate(doc, target, {p.id: encoder.encode_prompt(p.text) for p in prompts}))
     write_outputs(doc, out)
     for name, r in doc["summary"]["overall"].items():
         sp = (r["speedup"] or {}).get("median") or 0.0

@@ -94,7 +94,8 @@ def _quart(q: dict | None, fmt: str, suffix: str = "") -> str:
 
 def _equal(g: dict | bool | None) -> str:
     if isinstance(g, dict):
-        return f"{g.get('equal')}/{g.get('of')}"
+        ties = f" ({g['near_tie']} near ties)" if g.get("near_tie") else ""
+        return f"{g.get('equal')}/{g.get('of')}{ties}"
     return DASH if g is None else ("yes" if g else "no")
 
 

@@ -77,7 +77,13 @@ def summarise_system(records: list[dict], system: str, baseline: str) -> dict:
         "greedy_equal": (
             None
             if any(e is None for e in eq)
-            else {"equal": sum(bool(e) for e in eq), "of": len(eq)}
+            else {
+                "equal": sum(bool(e) for e in eq),
+                "of": len(eq),
+                "near_tie": sum(
+                    bool(r.get("divergence", {}).get(system, {}).get("near_tie")) for r in records
+                ),
+            }
         ),
     }
 
