@@ -419,7 +419,9 @@ def _doc_section(doc: dict) -> list[str]:
         out += ["### Memory (peak RSS)", ""]
         out += [f"- bench process: {_gb(mem.get('bench_process_peak_bytes'))}"]
         out += [f"- server process: {_gb(mem.get('server_process_peak_bytes'))}"]
-        out += [f"- {k}: {_gb(v)}" for k, v in (mem.get("model_rss_bytes") or {}).items()] + [""]
+        loads = (mem.get("model_rss_bytes") or {}).items()
+        out += [f"- RSS added by loading {k}: {_gb(v)}" for k, v in loads]
+        out += ["", "(Weights are memory-mapped: their pages count as they are first read.)", ""]
     if tp := doc.get("throughput"):
         out += ["### Throughput (clients replaying drafts against one server)", ""]
         out += [f"Failed: {tp['error']}", ""] if "error" in tp else [*_throughput_table(tp), ""]
