@@ -13,5 +13,8 @@ fi
 $PY -m specsplit.faces.cli bench --target-backend llama.cpp --suite humaneval,spec-bench \
   --humaneval-limit 20 --limit 5 --max-new-tokens 64 --drafters model,ngram --rtt 0,80 \
   --cloud-rtt "" --llama-cpp-python prompt-lookup --out bench_runs/report_llamacpp
-$PY -m specsplit.faces.cli bench-report bench_runs/report_torch bench_runs/report_llamacpp \
-  --out benchmarks/report --readme README.md
+mkdir -p benchmarks/report
+cp bench_runs/report_torch/results.json benchmarks/report/results_torch.json
+cp bench_runs/report_llamacpp/results.json benchmarks/report/results_llama.cpp.json
+$PY -m specsplit.faces.cli bench-report benchmarks/report/results_torch.json \
+  benchmarks/report/results_llama.cpp.json --out benchmarks/report --readme README.md

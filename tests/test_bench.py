@@ -138,7 +138,7 @@ def test_specsplit_systems_equal_target_greedy_and_the_flag_says_so(run):
     kinds = {s["name"]: s["kind"] for s in doc["systems"]}
     for name, summ in doc["summary"]["overall"].items():
         if kinds[name] != "hf":
-            assert summ["greedy_equal"] == {"equal": 6, "of": 6}, name
+            assert summ["greedy_equal"] == {"equal": 6, "of": 6, "near_tie": 0}, name
 
 
 def test_acceptance_counts_and_physical_limit(run):
@@ -193,7 +193,7 @@ def test_summary_counts_a_differing_run():
         for ids in ([1, 2], [1, 3], [1, 2])
     ]
     s = summarise(recs, ["target", "x"], "target")["overall"]["x"]
-    assert s["greedy_equal"] == {"equal": 2, "of": 3}
+    assert s["greedy_equal"] == {"equal": 2, "of": 3, "near_tie": 0}
     assert s["speedup"]["median"] == pytest.approx(2.0)
 
 
