@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from specsplit.engine.speculative import SpeculativeEngine
+from specsplit.errors import ConfigError
 from specsplit.faces.bench_summary import refresh, spread
 from specsplit.faces.bench_systems import (
     CloudSystem,
@@ -104,8 +105,6 @@ def load_prompts(ns: argparse.Namespace) -> list:
         elif suite == "spec-bench":
             out += load_spec_bench(ns.questions, _csv(ns.categories) or None, ns.limit)
         else:
-            from specsplit.errors import ConfigError
-
             raise ConfigError(f"unknown suite {suite!r}; choose humaneval, spec-bench or both")
     return out
 
@@ -186,8 +185,6 @@ def _hf_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> li
     for h in _csv(ns.hf):
         name = {"assisted": f"hf-assisted[{setup.draft_name}]", "prompt-lookup": "hf-prompt-lookup"}
         if h not in name:
-            from specsplit.errors import ConfigError
-
             raise ConfigError(f"unknown HF system {h!r}; choose assisted, prompt-lookup")
         if model is None:
             skipped.append(
@@ -208,8 +205,6 @@ def _llama_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) ->
     for which in _csv(ns.llama_cpp_python):
         name = "llama-cpp-python" + ("-prompt-lookup" if which == "prompt-lookup" else "")
         if which not in ("plain", "prompt-lookup"):
-            from specsplit.errors import ConfigError
-
             raise ConfigError(f"unknown llama-cpp-python system {which!r}; plain, prompt-lookup")
         if setup.target.name != "llama.cpp" or setup.gguf is None:
             skipped.append(
