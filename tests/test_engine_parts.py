@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from specsplit.backends.byte_tokenizer import ByteTokenizer
@@ -10,9 +9,10 @@ from specsplit.engine.draft_length import AdaptiveK, CostTable, FixedK
 from specsplit.engine.speculative import DecodeLoop
 from specsplit.engine.stopping import TextStream
 from specsplit.proposers.ngram import NGramProposer
+from specsplit.randomness import Sequential
 from specsplit.sampling import GREEDY
 
-RNG = np.random.default_rng(0)
+RNG = Sequential(0)
 
 
 def test_ngram_proposes_continuation_of_latest_match():

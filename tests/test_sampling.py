@@ -95,7 +95,7 @@ def test_invalid_settings_raise_config_error(kwargs):
 def test_sample_follows_distribution():
     rng = np.random.default_rng(1)
     probs = np.array([0.5, 0.0, 0.25, 0.25])
-    draws = np.bincount([sample(probs, rng) for _ in range(20000)], minlength=4) / 20000
+    draws = np.bincount([sample(probs, rng.random()) for _ in range(20000)], minlength=4) / 20000
     np.testing.assert_allclose(draws, probs, atol=0.015)
     assert draws[1] == 0
 

@@ -7,6 +7,7 @@ import pytest
 from scipy.stats import chisquare
 
 from conftest import ToyLM
+from specsplit.randomness import Sequential
 from specsplit.sampling import SamplingParams, logits_to_probs, sample
 from specsplit.verify import (
     TokenTree,
@@ -33,7 +34,7 @@ def test_greedy_empty_draft_is_plain_decoding():
 
 def test_chain_rejects_token_target_cannot_produce():
     p = np.array([[0.0, 1.0, 0.0], [1 / 3, 1 / 3, 1 / 3]])
-    v = verify_chain([0], None, p, np.random.default_rng(0))
+    v = verify_chain([0], None, p, Sequential(0))
     assert (v.n_accepted, v.next_token) == (0, 1)
 
 
@@ -41,7 +42,7 @@ def test_chain_accepts_when_p_dominates_q():
     p = np.array([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0]])
     q = np.array([[0.5, 0.5, 0.0]])
     for seed in range(20):
-        v = verify_chain([1], q, p, np.random.default_rng(seed))
+        v = verify_chain([1], q, p, Sequential(seed))
         assert (v.n_accepted, v.next_token) == (1, 2)
 
 
@@ -50,7 +51,7 @@ def test_chain_correction_comes_from_residual():
     p = np.array([[0.2, 0.8], [0.5, 0.5]])
     outs = Counter()
     for seed in range(2000):
-        v = verify_chain([0], None, p, np.random.default_rng(seed))
+        v = verify_chain([0], None, p, Sequential(seed))
         outs[(v.n_accepted, v.next_token if v.n_accepted == 0 else -1)] += 1
     assert set(outs) == {(1, -1), (0, 1)}
     assert abs(outs[(1, -1)] / 2000 - 0.2) < 0.03
@@ -95,7 +96,7 @@ def _draft_chain(lm: ToyLM, prefix, k, params, rng, q_params=None):
     for _ in range(k):
         logits = lm.logits(tuple(prefix) + tuple(toks))
         probs = logits_to_probs(logits, params)
-        toks.append(sample(probs, rng))
+        toks.append(sample(probs, rng.random()))
         q.append(probs if q_params is None else logits_to_probs(logits, q_params))
     return toks, np.array(q).reshape(k, V)
 
@@ -124,9 +125,9 @@ def _speculate(target, drafters, params, draft_params, k, rng, greedy_draft=Fals
             rows.append(target.logits(tuple(out) + tuple(reversed(path))))
         p = logits_to_probs(np.array(rows), params)
         if len(drafters) == 1:
-            v = verify_chain(chains[0], qs[0], p, rng)
+            v = verify_chain(chains[0], qs[0], p, Sequential(rng))
         else:
-            v = verify_tree(chains, qs, tree, p, rng)
+            v = verify_tree(chains, qs, tree, p, Sequential(rng))
         out += [tree.tokens[n] for n in v.path] + [v.next_token]
     return tuple(out[:N_TOKENS])
 

@@ -105,9 +105,8 @@ def logits_to_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return np.stack([_probs_row(r, params) for r in flat]).reshape(logits.shape[:-1] + (-1,))
 
 
-def sample(probs: np.ndarray, rng: np.random.Generator) -> int:
-    """Draw one token id from probs [V] by inverse CDF with one uniform from rng."""
-    u = rng.random()
+def sample(probs: np.ndarray, u: float) -> int:
+    """The token id of probs [V] at uniform u in [0, 1) (inverse CDF; see ``randomness``)."""
     c = np.cumsum(probs)
     return int(min(np.searchsorted(c, u * c[-1], side="right"), probs.shape[-1] - 1))
 
@@ -126,31 +125,24 @@ QUANT_BITS = 16  # a quantized q is integer counts summing to 2**QUANT_BITS
 
 
 def quantize(probs: np.ndarray, m: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """probs [V] -> (ids [n] int64, counts [n] int64) with counts summing to 2**QUANT_BITS.
+    """probs [V] -> (ids [n] int64, counts [n] int64 >= 1) with counts summing to 2**QUANT_BITS.
 
-    Optionally keeps only the top m tokens first. Every kept token gets count >= 1 (largest
-    remainder rounding), so the drafter can sample exactly from counts / 2**QUANT_BITS.
+    Optionally keeps only the top m tokens first. Largest-remainder rounding in O(V): each
+    token gets floor(p * 2**16) units and the units left over go, one each, to the tokens
+    with the largest remainders. A token left with no unit is dropped: the drafter samples
+    from exactly counts / 2**16, so it can never be drafted, and q stays exact.
     """
     total = 1 << QUANT_BITS
     p = truncate_top_m(probs, m) if m else probs
-    ids = np.flatnonzero(p)
-    if len(ids) > total:
-        ids = ids[np.argsort(-p[ids], kind="stable")[:total]]
-    w = p[ids] / p[ids].sum() * total
-    counts = np.maximum(np.floor(w).astype(np.int64), 1)
-    diff = total - int(counts.sum())
-    order = np.argsort(-(w - np.floor(w)), kind="stable")
-    i = 0
-    while diff != 0:  # hand out (or take back) single units, largest remainder first
-        j = order[i % len(order)]
-        if diff > 0:
-            counts[j] += 1
-            diff -= 1
-        elif counts[j] > 1:
-            counts[j] -= 1
-            diff += 1
-        i += 1
-    return ids.astype(np.int64), counts
+    ids = np.flatnonzero(p)  # [n]
+    w = p[ids] / p[ids].sum() * total  # [n] ideal (real) counts, summing to total
+    counts = np.floor(w).astype(np.int64)  # [n]
+    left = total - int(counts.sum())  # 0 <= left <= n
+    if left > 0:
+        top = np.argpartition(-(w - counts), left - 1)[:left]  # largest remainders
+        counts[top] += 1
+    keep = counts > 0
+    return ids[keep].astype(np.int64), counts[keep]
 
 
 def dequantize(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> np.ndarray:

@@ -15,6 +15,11 @@ So a round emits n_accepted + 1 tokens, and mean accepted length tau = tokens / 
 A drafter's q is exactly what it sampled from (after temperature, top-k, top-p, min-p and any
 truncation or quantization); ``None`` stands for a one-hot q at the drafted token (a greedy
 drafter, or a deterministic one such as n-gram lookup).
+
+Randomness is keyed by position (``randomness``): ``u(position, slot)`` is the uniform for a
+decision about the token at ``position``; ``base`` is the position of the round's first
+draft token. The accept test of the j-th child tried at a position uses slot j; the
+correction or bonus draw uses slot ``SAMPLE``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from specsplit.randomness import SAMPLE, Uniform
 from specsplit.sampling import sample
 
 
@@ -75,17 +81,19 @@ def verify_greedy(draft: Sequence[int], target_argmax: Sequence[int]) -> Verdict
 
 
 def verify_chain(
-    draft: Sequence[int], q: np.ndarray | None, p: np.ndarray, rng: np.random.Generator
+    draft: Sequence[int], q: np.ndarray | None, p: np.ndarray, u: Uniform, base: int = 0
 ) -> Verdict:
     """Speculative sampling over one chain (Leviathan et al. Algorithm 1; Chen et al.).
 
-    draft [K]; q [K, V] or None (one-hot); p [K+1, V] the target's distributions.
+    draft [K]; q [K, V] or None (one-hot); p [K+1, V] the target's distributions; draft[i]
+    is the token at position base + i.
     """
     for i, x in enumerate(draft):
-        if not _accept(rng.random(), float(p[i, x]), _q_at(q, i, x)):
+        if not _accept(u(base + i, 0), float(p[i, x]), _q_at(q, i, x)):
             residual = _residual(p[i], _q_row(q, i, x, p.shape[-1]))
-            return Verdict(i, sample(residual, rng), 0, tuple(range(i)))
-    return Verdict(len(draft), sample(p[len(draft)], rng), 0, tuple(range(len(draft))))
+            return Verdict(i, sample(residual, u(base + i, SAMPLE)), 0, tuple(range(i)))
+    k = len(draft)
+    return Verdict(k, sample(p[k], u(base + k, SAMPLE)), 0, tuple(range(k)))
 
 
 @dataclass(frozen=True)
@@ -128,7 +136,8 @@ def verify_tree(
     qs: Sequence[np.ndarray | None],
     tree: TokenTree,
     p: np.ndarray,
-    rng: np.random.Generator,
+    u: Uniform,
+    base: int = 0,
 ) -> Verdict:
     """Recursive rejection sampling over several draft chains (SpecInfer, multi-draft).
 
@@ -137,8 +146,9 @@ def verify_tree(
     distribution after the last committed token, row 1 + i the one after tree node i.
     At each accepted node, the children proposed by the chains still alive are tried in
     chain order, each against the residual left by the rejected ones and the q of the
-    drafter that proposed it; if all are rejected, the correction token comes from the
-    final residual. Chains drafted independently keep this exact.
+    drafter that proposed it (the j-th child tried draws slot j); if all are rejected, the
+    correction token comes from the final residual. Chains drafted independently keep this
+    exact. Depth d is the token at position base + d.
     """
     alive = list(range(len(chains)))
     path: list[int] = []
@@ -147,21 +157,22 @@ def verify_tree(
     for depth in range(max((len(c) for c in chains), default=0)):
         residual = row
         winner = None
-        for j in (j for j in alive if len(chains[j]) > depth):
+        tried = (j for j in alive if len(chains[j]) > depth)
+        for slot, j in enumerate(tried):
             x = int(chains[j][depth])
-            if _accept(rng.random(), float(residual[x]), _q_at(qs[j], depth, x)):
+            if _accept(u(base + depth, slot), float(residual[x]), _q_at(qs[j], depth, x)):
                 winner = j
                 break
             residual = _residual(residual, _q_row(qs[j], depth, x, p.shape[-1]))
         if winner is None:
-            return Verdict(depth, sample(residual, rng), chain, tuple(path))
+            return Verdict(depth, sample(residual, u(base + depth, SAMPLE)), chain, tuple(path))
         chain, x = winner, int(chains[winner][depth])
         alive = [j for j in alive if len(chains[j]) > depth and chains[j][depth] == x]
         path.append(tree.node_of[winner][depth])
         row = p[1 + path[-1]]
         if not any(len(chains[j]) > depth + 1 for j in alive):
             break
-    return Verdict(len(path), sample(row, rng), chain, tuple(path))
+    return Verdict(len(path), sample(row, u(base + len(path), SAMPLE)), chain, tuple(path))
 
 
 def verify_tree_greedy(

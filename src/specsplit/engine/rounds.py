@@ -17,6 +17,7 @@ import numpy as np
 from specsplit.backends.base import Backend
 from specsplit.errors import ConfigError
 from specsplit.proposers.base import Draft
+from specsplit.randomness import Uniform
 from specsplit.sampling import SamplingParams, logits_to_probs
 from specsplit.verify import (
     TokenTree,
@@ -60,6 +61,19 @@ def align_q(q: np.ndarray | None, vocab: int) -> np.ndarray | None:
     return q[:, :vocab]
 
 
+def fit_round(drafts: Sequence[Draft], cap: int) -> list[Draft]:
+    """Drafts cut to at most cap draft tokens in all (the longest chain loses its last token
+    first): what one round may hold in the verifier's limit and the context left. Cutting a
+    chain's tail keeps it an exact draft."""
+    out = [Draft(list(d.tokens), d.q) for d in drafts]
+    cap = max(cap, 0)
+    while sum(len(d.tokens) for d in out) > cap:
+        j = max(range(len(out)), key=lambda i: len(out[i].tokens))
+        d = out[j]
+        out[j] = Draft(d.tokens[:-1], None if d.q is None else d.q[: len(d.tokens) - 1])
+    return out
+
+
 def plan_round(pending: int, drafts: Sequence[Draft], vocab: int) -> Round:
     """The target input of a round over the drafts (empty drafts: one plain decoding step)."""
     live = [d for d in drafts if d.tokens]
@@ -76,22 +90,22 @@ def plan_round(pending: int, drafts: Sequence[Draft], vocab: int) -> Round:
 
 
 def decide(
-    rnd: Round, logits: np.ndarray, params: SamplingParams, rng: np.random.Generator
+    rnd: Round, logits: np.ndarray, params: SamplingParams, u: Uniform, base: int
 ) -> tuple[Verdict, list[int]]:
-    """The verdict from the target's logits [n, V] over rnd.tokens, and the accepted ids."""
+    """The verdict from the target's logits [n, V] over rnd.tokens, and the accepted ids;
+    base is the position of the round's first draft token (the committed length)."""
     if rnd.tree is None:
         chain = rnd.chains[0] if rnd.chains else []
         if params.greedy:
             v = verify_greedy(chain, np.argmax(logits, axis=-1))
         else:
-            v = verify_chain(
-                chain, rnd.qs[0] if rnd.qs else None, logits_to_probs(logits, params), rng
-            )
+            q = rnd.qs[0] if rnd.qs else None
+            v = verify_chain(chain, q, logits_to_probs(logits, params), u, base)
         return v, list(chain[: v.n_accepted])
     if params.greedy:
         v = verify_tree_greedy(rnd.chains, rnd.tree, np.argmax(logits, axis=-1))
     else:
-        v = verify_tree(rnd.chains, rnd.qs, rnd.tree, logits_to_probs(logits, params), rng)
+        v = verify_tree(rnd.chains, rnd.qs, rnd.tree, logits_to_probs(logits, params), u, base)
     return v, [rnd.tree.tokens[i] for i in v.path]
 
 

@@ -380,6 +380,7 @@ class ScheduledVerifier(Verifier):
         t = scheduler.target
         self.tokenizer, self.vocab_size, self.n_ctx = t.tokenizer, t.vocab_size, t.n_ctx
         self.cost_shape = scheduler.cost_shape
+        self.max_draft = scheduler.max_draft
         self.served: Served | None = None
 
     def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:

@@ -24,10 +24,12 @@ from dataclasses import dataclass, field
 from specsplit.backends.base import Backend
 from specsplit.engine.draft_length import AdaptiveK, DraftLengthPolicy, FixedK
 from specsplit.engine.metrics import GenerationStats
+from specsplit.engine.rounds import fit_round
 from specsplit.engine.stopping import TextStream
-from specsplit.engine.verifier import LocalVerifier, Outcome, Verifier, draft_rng, resume_seed
+from specsplit.engine.verifier import LocalVerifier, Outcome, Verifier
 from specsplit.errors import ConfigError, Interrupted, SessionGone, VerifierUnavailable
 from specsplit.proposers.base import Draft, Proposer
+from specsplit.randomness import Uniform, drafter_uniform
 from specsplit.sampling import GREEDY, SamplingParams
 
 PIPELINE_MIN_P_FULL = 0.5  # draft ahead only if the round in flight likely passes whole
@@ -47,6 +49,9 @@ class GenerationRequest:
     params: SamplingParams = GREEDY
     seed: int | None = None  # None: a fresh random seed, reported in the stats
     stop: tuple[str, ...] = ()  # stop strings; the text ends before the first one
+    # output already generated for this request (a resume elsewhere after a failure): it
+    # counts towards max_new_tokens and stop strings, and the result's ids include it
+    resume_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -101,6 +106,7 @@ class DecodeLoop:
         self._draft_cost: dict[bool, float] = {}  # seconds per draft token, see _draft
         self._always_ahead = pipeline is True  # True: draft ahead even where it seems slow
         self._since_ahead = 0
+        self._ahead_paused = 0  # rounds left without drafting ahead (after a dropped round)
         # drafting ahead needs one chain (a tree's bonus has no single guess)
         self.pipeline = (verifier.pipelines if pipeline is None else pipeline) and len(
             self.proposers
@@ -111,12 +117,16 @@ class DecodeLoop:
         context: list[int],
         k: int,
         params: SamplingParams,
-        rng,
+        draws: Sequence[Uniform],
         stats: GenerationStats,
         ahead: bool = False,
     ) -> list[Draft]:
         t0 = time.perf_counter()
-        drafts = [p.propose(context, k, params, rng) for p in self.proposers] if k else []
+        drafts = (
+            [p.propose(context, k, params, u) for p, u in zip(self.proposers, draws, strict=True)]
+            if k
+            else []
+        )
         dt = time.perf_counter() - t0
         stats.t_draft += dt
         n = sum(len(d.tokens) for d in drafts)
@@ -126,7 +136,11 @@ class DecodeLoop:
         return drafts
 
     def _ahead_pays(self) -> bool:
-        """False while drafting during a pass is much slower than between passes."""
+        """False while drafting during a pass is much slower than between passes, and for a
+        while after the verifier dropped a round drafted ahead."""
+        if self._ahead_paused:
+            self._ahead_paused -= 1
+            return False
         between, during = self._draft_cost.get(False), self._draft_cost.get(True)
         if (
             self._always_ahead
@@ -158,25 +172,32 @@ class DecodeLoop:
         context: list[int],
         version: int,
         budget: int,
-        room: int,
         params: SamplingParams,
-        rng,
+        draws: Sequence[Uniform],
         stats: GenerationStats,
     ) -> tuple[_InFlight, _InFlight | None]:
         """The round to read next (drafted ahead earlier, or drafted and sent now) and, where
-        worth it, the next one drafted ahead and sent while this one is in flight."""
+        worth it, the next one drafted ahead and sent while this one is in flight.
+
+        A round emits at most K + 1 tokens and holds its draft tokens in the target's cache,
+        so K stays within the token budget and the context left; the draft tokens of one
+        round stay within the verifier's limit (``max_draft``), several chains included."""
+        room = self.verifier.n_ctx - len(context)
+        cap = min(room - 1, self.verifier.max_draft)  # draft tokens one round may hold
         if ahead is not None:
             cur = ahead
         else:
-            k = self.policy.choose(min(budget, room) - 1)
-            drafts = self._draft(context, k, params, rng, stats)
+            k = self.policy.choose(min(budget - 1, cap))
+            drafts = fit_round(self._draft(context, k, params, draws, stats), cap)
             cur = _InFlight(self.verifier.submit(drafts, version), drafts, time.perf_counter())
         live = [d.tokens for d in cur.drafts if d.tokens]
         chain = live[0][int(cur.pipelined) :] if live else []
-        k2 = self._ahead_k(len(chain), min(budget, room) - len(chain) - 2)
+        # after this round: budget - len(chain) - 1 tokens to go, room - len(chain) - 1 left
+        after = min(budget, room) - len(chain) - 1
+        k2 = self._ahead_k(len(chain), min(after - 1, self.verifier.max_draft))
         if not k2:  # draft ahead on [context, chain]: its first token guesses the bonus
             return cur, None
-        d2 = self._draft(context + chain, k2 + 1, params, rng, stats, ahead=True)
+        d2 = self._draft(context + chain, k2 + 1, params, draws, stats, ahead=True)
         if len(d2[0].tokens) < 2:
             return cur, None
         fut2 = self.verifier.submit(d2, version + 1, pipelined=True)
@@ -191,9 +212,10 @@ class DecodeLoop:
         out: list[int],
         stats: GenerationStats,
     ) -> int:
-        """Re-open the session from the committed ids; returns its version (0)."""
+        """Re-open the session from the committed ids; returns its version (0). The draws are
+        keyed by position, so the text goes on as if the session had never been lost."""
         try:
-            self.verifier.open(context, req.params, resume_seed(seed, len(context)))
+            self.verifier.open(context, req.params, seed)
         except VerifierUnavailable as e:
             raise Interrupted(
                 f"{e} (lost the session: {err}); {len(out)} tokens were generated",
@@ -209,28 +231,28 @@ class DecodeLoop:
         prompt = [int(t) for t in req.prompt_ids]
         self._check(req, prompt)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
-        rng_draft = draft_rng(seed)
+        draws = [drafter_uniform(seed, j) for j in range(len(self.proposers))]
         stats = GenerationStats(seed=seed)
         tok = self.verifier.tokenizer
         text = TextStream(tok, req.stop)
         eos = tok.eos_token_ids
-        out: list[int] = []
+        out: list[int] = [int(t) for t in req.resume_ids]  # output an earlier server made
+        text.update(out)  # (its text was shown already)
         finish = None
         per_token = sum(p.cost_per_token for p in self.proposers)
         sent0, received0 = self.verifier.traffic()  # this request's bytes only
         try:
-            self.verifier.open(prompt, req.params, seed)
+            context, version = prompt + out, 0
+            self.verifier.open(context, req.params, seed)
             stats.t_prefill = time.perf_counter() - t_arrival
             if isinstance(self.policy, AdaptiveK) and not self.policy.verify.shape:
                 self.policy.verify.shape.update(self.verifier.cost_shape)
-            context, version = list(prompt), 0
             ahead: _InFlight | None = None
             while finish is None:
                 budget = req.max_new_tokens - len(out)
-                room = self.verifier.n_ctx - len(context)
                 try:
                     cur, ahead = self._send_round(
-                        ahead, context, version, budget, room, req.params, rng_draft, stats
+                        ahead, context, version, budget, req.params, draws, stats
                     )
                     outcome = cur.future.result()
                 except SessionGone as e:  # the verifier went away: resume from the ids we have
@@ -243,7 +265,8 @@ class DecodeLoop:
                 live = [d.tokens for d in cur.drafts if d.tokens]
                 k_used = max((len(d.tokens) for d in cur.drafts), default=0) - int(cur.pipelined)
                 stats.round_trips += 1
-                if outcome.dropped:
+                if outcome.dropped:  # whatever was drafted on it goes too; the next round is
+                    ahead = self._dropped(cur, ahead, stats)  # drafted afresh: progress
                     continue
                 version = outcome.version
                 stats.t_verify += outcome.t_verify
@@ -295,6 +318,21 @@ class DecodeLoop:
         finally:
             self.verifier.close()
 
+    def _dropped(
+        self, cur: _InFlight, ahead: _InFlight | None, stats: GenerationStats
+    ) -> _InFlight | None:
+        """The verifier dropped a round drafted ahead: so is the one drafted on top of it (the
+        verifier answers it "dropped" too), and the loop stops drafting ahead for a while, so
+        the next round is drafted afresh on the committed text and is verified."""
+        if not cur.pipelined:
+            raise SessionGone("the verifier dropped a round that was not drafted ahead")
+        stats.dropped += len(cur.drafts[0].tokens)
+        if ahead is not None:
+            stats.dropped += len(ahead.drafts[0].tokens)
+            stats.round_trips += 1
+        self._ahead_paused = PIPELINE_RETRY
+        return None
+
     def generate(self, req: GenerationRequest) -> GenerationResult:
         """Generate to the end; returns the result."""
         for chunk in self.stream(req):
@@ -309,12 +347,19 @@ class DecodeLoop:
             raise ConfigError("the prompt is empty")
         if req.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
-        if len(prompt) >= self.verifier.n_ctx:
+        if len(req.resume_ids) >= req.max_new_tokens:
             raise ConfigError(
-                f"the prompt has {len(prompt)} tokens; the target's context holds {self.verifier.n_ctx}"
+                f"{len(req.resume_ids)} tokens already generated; max_new_tokens is "
+                f"{req.max_new_tokens}: nothing left to generate"
+            )
+        n = len(prompt) + len(req.resume_ids)
+        if n >= self.verifier.n_ctx:
+            raise ConfigError(
+                f"the prompt has {n} tokens; the target's context holds {self.verifier.n_ctx}"
             )
         v = self.verifier.vocab_size
-        if min(prompt) < 0 or max(prompt) >= v:
+        ids = [*prompt, *req.resume_ids]
+        if min(ids) < 0 or max(ids) >= v:
             raise ConfigError(f"prompt token ids must be in [0, {v})")
 
     @staticmethod

@@ -33,24 +33,25 @@ class TextStream:
         return n
 
     def find_stop(self, ids: Sequence[int]) -> int | None:
-        """If the text of ids contains a stop string, the fewest ids that contain it."""
-        if not self.stop:
+        """If the text of ids [n] contains a stop string: the fewest ids whose text contains
+        one, which is where decoding one token at a time would have stopped, however the ids
+        came in rounds. The text then ends where the first stop string in the text of those
+        ids begins (``stopped_at``); the ids returned include the token that completed it."""
+        if not self.stop or not self._has_stop(self.tokenizer.decode(ids)):
             return None
-        text = self.tokenizer.decode(ids)
-        hits = [text.find(s) for s in self.stop if s in text]
-        if not hits:
-            return None
-        self.stopped_at = min(hits)
-        # the shortest prefix of ids whose text reaches past the stop string's start
-        lo, hi = 1, len(ids)
+        lo, hi = 1, len(ids)  # the shortest prefix of ids whose text holds a stop string
         while lo < hi:
             mid = (lo + hi) // 2
-            t = self.tokenizer.decode(ids[:mid])
-            if any(s in t for s in self.stop):
+            if self._has_stop(self.tokenizer.decode(ids[:mid])):
                 hi = mid
             else:
                 lo = mid + 1
+        text = self.tokenizer.decode(ids[:lo])
+        self.stopped_at = min(text.find(s) for s in self.stop if s in text)
         return lo
+
+    def _has_stop(self, text: str) -> bool:
+        return any(s in text for s in self.stop)
 
     def update(self, ids: Sequence[int], final: bool = False) -> str:
         """New text to show after ids [n] (all generated ids so far)."""

@@ -29,6 +29,7 @@ from specsplit.backends.base import Backend, Tokenizer
 from specsplit.engine.rounds import Round, commit, decide, plan_round
 from specsplit.errors import ConfigError, StaleDraft
 from specsplit.proposers.base import Draft
+from specsplit.randomness import verifier_uniform
 from specsplit.sampling import SamplingParams
 
 
@@ -48,25 +49,8 @@ class Outcome:
     load: float = 0.0  # the verifier's expected queue wait in seconds (a load hint)
 
 
-def verify_rng(seed: int) -> np.random.Generator:
-    """The verifier's random stream for a request seed (the drafter's is the other child)."""
-    return np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[0])
-
-
-def draft_rng(seed: int) -> np.random.Generator:
-    """The drafter's random stream for a request seed."""
-    return np.random.default_rng(np.random.SeedSequence(seed).spawn(2)[1])
-
-
-def resume_seed(seed: int, n_committed: int) -> int:
-    """A fresh verifier seed for a session re-opened after n_committed ids (never reuses the
-    random stream of the lost session, so later tokens stay independent of earlier ones)."""
-    state = np.random.SeedSequence([seed, n_committed]).generate_state(1, np.uint64)
-    return int(state[0] >> np.uint64(1))
-
-
 class VerifySession:
-    """One user's text on the verifier: committed ids, KV cache, version, random stream.
+    """One user's text on the verifier: committed ids, KV cache, version, random draws.
 
     ``tokens`` holds every committed id; all but the last (the *pending* token) are in the
     target's KV cache once prefilled. ``seq`` is None while no cache is held (not yet
@@ -83,7 +67,7 @@ class VerifySession:
             raise ConfigError(f"prompt token ids must be in [0, {vocab})")
         self.tokens = prompt
         self.params = params
-        self.rng = verify_rng(seed)
+        self.uniform = verifier_uniform(seed)  # keyed by position: replays across servers
         self.vocab = vocab
         self.seq: int | None = None
         self.cached = 0  # tokens in the KV cache
@@ -122,6 +106,8 @@ class VerifySession:
 
     def plan(self, drafts: Sequence[Draft], version: int, pipelined: bool) -> Round | None:
         """The round to verify, or None if a pipelined draft is to be dropped."""
+        if pipelined and version != self.version:
+            return None  # drafted ahead on a round that was itself dropped: drop it too
         if version != self.version:
             raise StaleDraft(f"draft built on version {version}; the session is at {self.version}")
         if pipelined:
@@ -140,7 +126,7 @@ class VerifySession:
     def apply(self, target: Backend, rnd: Round, logits: np.ndarray) -> Outcome:
         """Decide a round from the target's logits [n, V] and commit it."""
         assert self.seq is not None
-        verdict, accepted = decide(rnd, logits, self.params, self.rng)
+        verdict, accepted = decide(rnd, logits, self.params, self.uniform, len(self.tokens))
         commit(target, self.seq, self.cached, rnd, verdict)
         with self.lock:
             self.tokens += [*accepted, verdict.next_token]
@@ -170,6 +156,7 @@ class Verifier(ABC):
     n_ctx: int
     pipelines: bool = False  # worth drafting ahead while a round is in flight (a network)
     remote: bool = False  # time outside t_verify and t_queue is network time
+    max_draft: int = 1 << 30  # draft tokens one round may carry (the server's limit)
     cost_shape: dict[int, float]  # seconds of a target pass over n tokens (for choosing K)
 
     @abstractmethod

@@ -249,8 +249,8 @@ def _recording(proposer, drafts: dict[int, list[int]]) -> Iterator[None]:  # noq
     """Record every draft the proposer makes, by the length of the context it drafted for."""
     inner = proposer.propose
 
-    def propose(context, k, params, rng):  # noqa: ANN001, ANN202
-        d = inner(context, k, params, rng)
+    def propose(context, k, params, u):  # noqa: ANN001, ANN202
+        d = inner(context, k, params, u)
         drafts[len(context)] = list(d.tokens)
         return d
 

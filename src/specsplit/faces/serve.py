@@ -149,9 +149,9 @@ class _Locked:
     def cost_per_token(self) -> float:
         return self.p.cost_per_token
 
-    def propose(self, context, k, params, rng):  # noqa: ANN001, ANN201
+    def propose(self, context, k, params, u):  # noqa: ANN001, ANN201
         with self.lock:
-            return self.p.propose(context, k, params, rng)
+            return self.p.propose(context, k, params, u)
 
     def warm_up(self, context) -> None:  # noqa: ANN001
         with self.lock:

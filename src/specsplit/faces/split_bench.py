@@ -276,8 +276,8 @@ class RecordingProposer(Proposer):
         self.inner, self.name = inner, inner.name
         self.drafts: dict[int, list[int]] = {}
 
-    def propose(self, context, k, params, rng) -> Draft:  # noqa: ANN001
-        d = self.inner.propose(context, k, params, rng)
+    def propose(self, context, k, params, u) -> Draft:  # noqa: ANN001
+        d = self.inner.propose(context, k, params, u)
         self.drafts[len(context)] = list(d.tokens)
         return d
 
@@ -290,7 +290,7 @@ class ReplayProposer(Proposer):
     def __init__(self, drafts: dict[int, list[int]], text: list[int]) -> None:
         self.drafts, self.text = drafts, text  # text: the recorded committed ids
 
-    def propose(self, context, k, params, rng) -> Draft:  # noqa: ANN001
+    def propose(self, context, k, params, u) -> Draft:  # noqa: ANN001
         n = len(context)
         if list(context) != self.text[:n]:
             return Draft([])  # the text moved off the recording (a near tie): plain decoding

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specsplit.randomness import Uniform
 from specsplit.sampling import SamplingParams
 
 
@@ -26,10 +27,9 @@ class Proposer(ABC):
     cost_per_token: float = 0.0  # seconds per one-token draft pass, measured (for choosing K)
 
     @abstractmethod
-    def propose(
-        self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator
-    ) -> Draft:
-        """Up to k tokens that may follow context [n]; sampled drafts fill Draft.q."""
+    def propose(self, context: Sequence[int], k: int, params: SamplingParams, u: Uniform) -> Draft:
+        """Up to k tokens that may follow context [n]; sampled drafts fill Draft.q. The token
+        for position n + i is sampled with the uniform u(n + i) (``randomness``)."""
 
     def warm_up(self, context: Sequence[int]) -> None:
         """Optional: measure costs before the timed run."""

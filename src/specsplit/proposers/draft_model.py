@@ -9,6 +9,7 @@ import numpy as np
 
 from specsplit.backends.base import Backend
 from specsplit.proposers.base import Draft, Proposer
+from specsplit.randomness import Sequential, Uniform
 from specsplit.sampling import (
     SamplingParams,
     dequantize,
@@ -26,10 +27,12 @@ class DraftModelProposer(Proposer):
     prefix each round, so rejected draft tokens are rolled back with ``truncate``.
     """
 
-    def __init__(self, backend: Backend, top_m: int = 0, quantize: bool = False) -> None:
+    def __init__(self, backend: Backend, top_m: int | None = None, quantize: bool = False) -> None:
         self.backend = backend
         self.name = f"draft:{backend.name}"
-        self.top_m = top_m  # truncate q to its top-m tokens before sampling (0 = off)
+        # truncate q to its top-m tokens before sampling (0 = off); a quantized q crosses the
+        # network, so it keeps the top 64 unless told otherwise
+        self.top_m = top_m if top_m is not None else (64 if quantize else 0)
         self.quantize = quantize  # sample from q quantized to counts / 2**16 (sent on the wire)
         self._seq = backend.new_sequence()
         self._fed: list[int] = []  # tokens in the drafter's KV cache, in order
@@ -50,9 +53,7 @@ class DraftModelProposer(Proposer):
         self._fed.extend(new)
         return logits
 
-    def propose(
-        self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator
-    ) -> Draft:
+    def propose(self, context: Sequence[int], k: int, params: SamplingParams, u: Uniform) -> Draft:
         if k <= 0:
             return Draft([])
         logits = self._sync(context)  # catch-up: not part of the per-token cost
@@ -68,7 +69,7 @@ class DraftModelProposer(Proposer):
                     q = dequantize(*quantize(probs, self.top_m), probs.shape[-1])
                 else:
                     q = truncate_top_m(probs, self.top_m)
-                tokens.append(sample(q, rng))
+                tokens.append(sample(q, u(len(context) + i)))
                 q_rows.append(q)
             if i + 1 < k:
                 logits = self.backend.forward(self._seq, tokens[-1:])[-1]
@@ -81,7 +82,7 @@ class DraftModelProposer(Proposer):
 
     def warm_up(self, context: Sequence[int]) -> None:
         for _ in range(2):  # the first pass allocates; the second measures
-            self.propose(context, 4, SamplingParams(), np.random.default_rng(0))
+            self.propose(context, 4, SamplingParams(), Sequential(0))
             self.reset()
 
     def reset(self) -> None:

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from specsplit.proposers.base import Draft, Proposer
+from specsplit.randomness import Uniform
 from specsplit.sampling import SamplingParams
 
 
@@ -39,9 +38,7 @@ class NGramProposer(Proposer):
                 if end - n >= 0:
                     self._index[tuple(seen[end - n : end])] = end
 
-    def propose(
-        self, context: Sequence[int], k: int, params: SamplingParams, rng: np.random.Generator
-    ) -> Draft:
+    def propose(self, context: Sequence[int], k: int, params: SamplingParams, u: Uniform) -> Draft:
         if k <= 0 or not context:
             return Draft([])
         self._sync(context)

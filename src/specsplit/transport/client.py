@@ -30,6 +30,7 @@ from specsplit.errors import (
     VerifierUnavailable,
 )
 from specsplit.proposers.base import Draft
+from specsplit.randomness import drafter_uniform
 from specsplit.sampling import SamplingParams
 from specsplit.transport import wire
 from specsplit.transport.pb import specsplit_pb2 as pb
@@ -376,8 +377,6 @@ def join_and_draft(
 ) -> int:
     """Join another client's session as one more drafter: draft k tokens for every round
     until the session ends. Returns the rounds this drafter took part in."""
-    import numpy as np
-
     link = _Link(server, tokenizer, auth_token, None, None, 10.0)
     sendq: queue.Queue = queue.Queue()
     sendq.put(
@@ -390,14 +389,14 @@ def join_and_draft(
         )
     )
     call = link.stub.Session(RemoteVerifier._requests(sendq), metadata=link.metadata)
-    rng = np.random.default_rng(seed)
+    u = drafter_uniform(seed)
     params = params or SamplingParams()
     rounds = 0
     try:
         opened = next(call).opened
         committed, version = list(opened.committed_ids), opened.version
         while True:
-            draft = proposer.propose(committed, k, params, rng)
+            draft = proposer.propose(committed, k, params, u)
             chains = wire.drafts_to_pb([draft])
             sendq.put(pb.ClientMsg(draft=pb.Draft(version=version, chains=chains)))
             verdict = next(call).verdict
