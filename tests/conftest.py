@@ -10,10 +10,15 @@ class ToyLM:
 
     def __init__(self, vocab: int, seed: int, sharpness: float = 2.0) -> None:
         self.vocab, self.seed, self.sharpness = vocab, seed, sharpness
+        self._memo: dict[tuple[int, ...], np.ndarray] = {}
 
     def logits(self, prefix: tuple[int, ...]) -> np.ndarray:
-        h = hash((self.seed, prefix)) % (2**32)
-        return np.random.default_rng(h).normal(size=self.vocab) * self.sharpness
+        out = self._memo.get(prefix)
+        if out is None:
+            h = hash((self.seed, prefix)) % (2**32)
+            out = self._memo[prefix] = np.random.default_rng(h).normal(size=self.vocab)
+            out *= self.sharpness
+        return out
 
 
 # ---- tiny transformer models built in-process (no download) ----

@@ -184,3 +184,24 @@ def test_fixed_k_same_seed_replays(small_vocab_models):
     ]
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
+
+
+@pytest.mark.parametrize(
+    "q_kind", ["top-3", "quantized", "quantized-top-4"], ids=lambda s: f"q={s}"
+)
+def test_truncated_and_quantized_q_keep_the_target_distribution(q_kind, small_vocab_models):
+    """A drafter that samples from a truncated or quantized q (as the edge sends it) is exact
+    when it sends exactly that q."""
+    params = SamplingParams(temperature=1.0)
+    tok = TinyTokenizer(V)
+    target = make_backend("torch", small_vocab_models[0], tok)
+    kw = {"top-3": {"top_m": 3}, "quantized": {"quantize": True, "top_m": 0}}.get(
+        q_kind, {"quantize": True, "top_m": 4}
+    )
+    draft = DraftModelProposer(make_backend("torch", small_vocab_models[1], tok), **kw)
+    engine = SpeculativeEngine(target, [draft], k=2)
+    counts = Counter(
+        tuple(engine.generate(GenerationRequest(SAMPLED_PROMPT, 3, params, seed=s)).token_ids[:2])
+        for s in range(N)
+    )
+    _assert_matches(counts, _exact_joint(target, params))

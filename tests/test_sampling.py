@@ -116,3 +116,26 @@ def test_quantize_is_exact_and_keeps_support():
     assert set(ids.tolist()) <= set(top.tolist())
     kept = truncate_top_m(probs, 64)
     assert np.abs(q - kept).max() < 2.0 / (1 << QUANT_BITS)
+
+
+def test_quantize_a_large_vocabulary_whole():
+    """m = 0 on Qwen's 151,936 tokens: q stays close to p (not uniform, as when every token
+    was forced to one count), the counts are exact, and only tokens with no unit drop."""
+    rng = np.random.default_rng(3)
+    probs = logits_to_probs(rng.normal(size=151_936) * 4, SamplingParams(temperature=1.0))
+    ids, counts = quantize(probs, m=0)
+    assert counts.sum() == 1 << QUANT_BITS and counts.min() >= 1
+    q = dequantize(ids, counts, len(probs))
+    assert 0.5 * np.abs(q - probs).sum() < 0.05  # about the mass of tokens below one unit
+    top = np.argsort(-probs)[:50]
+    np.testing.assert_allclose(q[top], probs[top], atol=1.0 / (1 << QUANT_BITS))
+
+
+def test_quantize_hands_leftover_units_to_the_largest_remainders():
+    # 2**16 * (0.5, 0.3, 0.2) = 32768, 19660.8, 13107.2: one unit left, to the 0.8 remainder
+    ids, counts = quantize(np.array([0.5, 0.3, 0.2]))
+    assert dict(zip(ids.tolist(), counts.tolist())) == {0: 32768, 1: 19661, 2: 13107}
+    # a token worth less than one unit is dropped (it can never be sampled), none forced in
+    tiny = np.array([1 - 1e-7, 1e-7])
+    ids, counts = quantize(tiny)
+    assert ids.tolist() == [0] and counts.tolist() == [1 << QUANT_BITS]

@@ -1,5 +1,6 @@
 """Verification math: hand-built cases and statistical checks of losslessness."""
 
+import functools
 from collections import Counter
 
 import numpy as np
@@ -91,45 +92,62 @@ def _target_joint(target: ToyLM, params: SamplingParams) -> dict[tuple[int, ...]
     return out
 
 
+@functools.cache
+def _probs(lm: ToyLM, prefix: tuple[int, ...], params: SamplingParams) -> np.ndarray:
+    return logits_to_probs(lm.logits(prefix), params)
+
+
 def _draft_chain(lm: ToyLM, prefix, k, params, rng, q_params=None):
     toks, q = [], []
     for _ in range(k):
-        logits = lm.logits(tuple(prefix) + tuple(toks))
-        probs = logits_to_probs(logits, params)
+        ctx = tuple(prefix) + tuple(toks)
+        probs = _probs(lm, ctx, params)
         toks.append(sample(probs, rng.random()))
-        q.append(probs if q_params is None else logits_to_probs(logits, q_params))
+        q.append(probs if q_params is None else _probs(lm, ctx, q_params))
     return toks, np.array(q).reshape(k, V)
 
 
-def _speculate(target, drafters, params, draft_params, k, rng, greedy_draft=False, q_params=None):
-    """Run speculation rounds until N_TOKENS are out; return them."""
+def _speculate(
+    target,
+    drafters,
+    params,
+    draft_params,
+    k,
+    rng,
+    greedy_draft=False,
+    q_params=None,
+    n_tokens=N_TOKENS,
+):
+    """Run speculation rounds until n_tokens are out; return them. k: one draft length for
+    every drafter, or one per drafter (chains of different lengths)."""
+    ks = list(k) if isinstance(k, list | tuple) else [k] * len(drafters)
     out: list[int] = []
-    while len(out) < N_TOKENS:
+    while len(out) < n_tokens:
         chains, qs = [], []
-        for d in drafters:
+        for d, kd in zip(drafters, ks, strict=True):
             if greedy_draft:
-                toks, _ = _draft_chain(d, out, k, SamplingParams(), rng)
+                toks, _ = _draft_chain(d, out, kd, SamplingParams(), rng)
                 chains.append(toks)
                 qs.append(None)
             else:
-                toks, q = _draft_chain(d, out, k, draft_params, rng, q_params)
+                toks, q = _draft_chain(d, out, kd, draft_params, rng, q_params)
                 chains.append(toks)
                 qs.append(q)
         tree = TokenTree.from_chains(chains)
-        rows = [target.logits(tuple(out))]
+        rows = [_probs(target, tuple(out), params)]
         for i in range(len(tree)):
             path, n = [], i
             while n != -1:
                 path.append(tree.tokens[n])
                 n = tree.parents[n]
-            rows.append(target.logits(tuple(out) + tuple(reversed(path))))
-        p = logits_to_probs(np.array(rows), params)
+            rows.append(_probs(target, tuple(out) + tuple(reversed(path)), params))
+        p = np.array(rows)
         if len(drafters) == 1:
             v = verify_chain(chains[0], qs[0], p, Sequential(rng))
         else:
             v = verify_tree(chains, qs, tree, p, Sequential(rng))
         out += [tree.tokens[n] for n in v.path] + [v.next_token]
-    return tuple(out[:N_TOKENS])
+    return tuple(out[:n_tokens])
 
 
 def _check(counts: Counter, joint: dict) -> None:
@@ -204,3 +222,55 @@ def test_q_sampled_from_untruncated_settings_is_still_exact():
     wide = SamplingParams(temperature=1.3)
     counts = Counter(_speculate(target, [draft], params, wide, 3, rng) for _ in range(N_SAMPLES))
     _check(counts, _target_joint(target, params))
+
+
+def _joint(target: ToyLM, params: SamplingParams, n: int) -> dict[tuple[int, ...], float]:
+    """The target's exact joint distribution of its first n tokens."""
+    out: dict[tuple[int, ...], float] = {(): 1.0}
+    for _ in range(n):
+        nxt = {}
+        for prefix, pr in out.items():
+            p = logits_to_probs(target.logits(prefix), params)
+            for t in np.flatnonzero(p):
+                nxt[(*prefix, int(t))] = pr * p[t]
+        out = nxt
+    return out
+
+
+def _check_marginals(samples: list[tuple[int, ...]], joint: dict, tv_max: float) -> None:
+    """Each position's distribution, on its own, within tv_max of the target's."""
+    n = len(samples)
+    for i in range(len(next(iter(joint)))):
+        exp = np.zeros(V)
+        for seq, pr in joint.items():
+            exp[seq[i]] += pr
+        obs = np.bincount([s[i] for s in samples], minlength=V) / n
+        assert 0.5 * np.abs(obs - exp).sum() < tv_max, f"position {i}"
+
+
+@pytest.mark.parametrize("params", SETTINGS[:1] + SETTINGS[3:4], ids=lambda p: repr(p)[14:])
+def test_three_drafters_with_chains_of_different_lengths_are_lossless(params):
+    """Three and four children at a position, chains of 1, 2 and 3 tokens, four tokens deep."""
+    target = ToyLM(V, 1)
+    drafters = [ToyLM(V, 2), ToyLM(V, 5, sharpness=1.0), ToyLM(V, 9, sharpness=3.0), ToyLM(V, 2)]
+    rng = np.random.default_rng(8)
+    samples = [
+        _speculate(target, drafters, params, params, [1, 2, 3, 2], rng, n_tokens=4)
+        for _ in range(20000)
+    ]
+    joint = _joint(target, params, 4)
+    _check(Counter(s[:3] for s in samples), _joint(target, params, 3))
+    _check_marginals(samples, joint, tv_max=0.015)
+
+
+def test_one_chain_is_lossless_past_the_first_tokens():
+    """Six tokens deep (several rounds, rejections and bonus tokens), each position within a
+    tight bound of the target's marginal and the first three jointly."""
+    params = SamplingParams(temperature=1.0)
+    target, draft = ToyLM(V, 1), ToyLM(V, 2)
+    rng = np.random.default_rng(9)
+    samples = [
+        _speculate(target, [draft], params, params, 3, rng, n_tokens=6) for _ in range(20000)
+    ]
+    _check(Counter(s[:3] for s in samples), _joint(target, params, 3))
+    _check_marginals(samples, _joint(target, params, 6), tv_max=0.015)

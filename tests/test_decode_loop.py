@@ -1,0 +1,299 @@
+"""The decoding loop's corner cases: progress whatever a verifier drops, stop strings however
+the rounds fall, seeded replay across round splits and resumes, rounds kept within the
+verifier's draft limit and the context left."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import perturbed, tiny_llama
+from specsplit.backends.base import Tokenizer
+from specsplit.backends.byte_tokenizer import ByteTokenizer
+from specsplit.backends.torch_backend import TorchBackend
+from specsplit.engine.draft_length import FixedK
+from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
+from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
+from specsplit.engine.stopping import TextStream
+from specsplit.engine.verifier import LocalVerifier, Outcome, Verifier
+from specsplit.errors import SessionGone
+from specsplit.proposers.base import Draft, Proposer
+from specsplit.proposers.draft_model import DraftModelProposer
+from specsplit.proposers.ngram import NGramProposer
+from specsplit.sampling import SamplingParams
+
+PROMPT = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 72, 101]
+SAMPLED = SamplingParams(temperature=1.0, top_k=40)
+
+
+@pytest.fixture(scope="module")
+def models():
+    target = tiny_llama(vocab=300, seed=0)
+    return target, perturbed(target, 0.08, seed=1), perturbed(target, 0.3, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return ByteTokenizer(300)
+
+
+def _target(models, tok, n_ctx: int | None = None) -> TorchBackend:
+    return TorchBackend(models[0], tok, n_ctx=n_ctx)
+
+
+def _draft(models, tok, i: int = 1) -> DraftModelProposer:
+    return DraftModelProposer(TorchBackend(models[i], tok))
+
+
+# ---- progress whatever the verifier drops ----
+
+
+class DropsAhead(LocalVerifier):
+    """A verifier that drafts ahead (as across a network) but answers every drafted-ahead
+    round "dropped", as the service does once a second drafter has joined the session."""
+
+    pipelines = True
+
+    def __init__(self, target) -> None:  # noqa: ANN001
+        super().__init__(target)
+        self.submits = 0
+
+    def submit(self, drafts, version, pipelined=False):  # noqa: ANN001, ANN201
+        self.submits += 1
+        if pipelined:
+            fut: Future[Outcome] = Future()
+            fut.set_result(Outcome(self.session.version, True, 0, -1))
+            return fut
+        return super().submit(drafts, version)
+
+
+def test_progress_when_every_round_drafted_ahead_is_dropped(models, tok):
+    ref = SpeculativeEngine(_target(models, tok)).generate(GenerationRequest(PROMPT, 40))
+    verifier = DropsAhead(_target(models, tok))
+    # the draft model equals the target: every round passes whole, so every round is
+    # drafted ahead unless the loop learns from the drops
+    loop = DecodeLoop(verifier, [_draft(models, tok, 0)], FixedK(3), pipeline=True)
+    res = loop.generate(GenerationRequest(PROMPT, 40))
+    assert res.token_ids == ref.token_ids
+    assert res.stats.dropped > 0  # rounds were drafted ahead and dropped
+    assert verifier.submits < 3 * len(ref.token_ids)
+
+
+# ---- stop strings: the text of one token at a time, however the rounds fall ----
+
+
+class PieceTokenizer(Tokenizer):
+    """Token i is the string PIECES[i] (several characters each)."""
+
+    PIECES = ["a", "b", "c", "d", "x", "ab", "bc", "cd", "abc", "xa", "dz", "z", "bcd", "q"]
+
+    def __init__(self) -> None:
+        self.vocab_size = len(self.PIECES)
+        self.bos_token_id = None
+        self.eos_token_ids = frozenset()
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        return [self.PIECES.index(c) for c in text]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return "".join(self.PIECES[i] for i in ids)
+
+    def apply_chat_template(self, messages):  # noqa: ANN001, ANN201
+        return None
+
+    def fingerprint(self) -> str:
+        return "pieces"
+
+
+class Scripted(Verifier):
+    """Emits a fixed sequence of tokens in rounds of the given sizes (accepting the 'drafts'
+    it is told to): the loop's text handling, free of any model."""
+
+    def __init__(self, script: list[int], sizes: list[int]) -> None:
+        self.tokenizer = PieceTokenizer()
+        self.vocab_size, self.n_ctx, self.cost_shape = self.tokenizer.vocab_size, 10_000, {}
+        self.script, self.sizes = script, sizes
+
+    def open(self, prompt_ids, params, seed):  # noqa: ANN001, ANN201
+        self.pos, self.round, self.version = 0, 0, 0
+
+    def submit(self, drafts, version, pipelined=False):  # noqa: ANN001, ANN201
+        n = self.sizes[self.round % len(self.sizes)]
+        self.round += 1
+        out = self.script[self.pos : self.pos + n]
+        self.pos += n
+        self.version += 1
+        fut: Future[Outcome] = Future()
+        fut.set_result(Outcome(self.version, False, len(out) - 1, out[-1], 0, tuple(out[:-1])))
+        return fut
+
+    def close(self) -> None:
+        return None
+
+
+class Anything(Proposer):
+    """Proposes k tokens (their ids do not matter to the scripted verifier)."""
+
+    name = "anything"
+
+    def propose(self, context, k, params, u):  # noqa: ANN001, ANN201
+        return Draft([0] * k)
+
+
+def _run(script: list[int], sizes: list[int], stop: tuple[str, ...], budget: int):
+    loop = DecodeLoop(Scripted(script + [13] * 20, sizes), [Anything()], FixedK(max(sizes) - 1))
+    chunks = list(loop.stream(GenerationRequest([0], budget, stop=stop)))
+    res = chunks[-1].result
+    assert "".join(c.text for c in chunks) == res.text  # the stream adds up to the text
+    return res
+
+
+def test_stop_at_the_first_string_completed_not_the_first_that_starts():
+    # "x", "a", "b", "c", "d", "z": one token a round stops once "bc" is complete: "xa"
+    script = [4, 0, 1, 2, 3, 11]
+    for sizes in ([1], [4, 1], [6], [2, 3, 1]):
+        res = _run(script, sizes, ("abcd", "bc"), 6)
+        assert (res.text, res.finish_reason) == ("xa", "stop"), sizes
+        assert res.token_ids == [4, 0, 1, 2]  # up to the token that completed the stop
+
+
+@st.composite
+def scripts_and_stops(draw):  # noqa: ANN001, ANN201
+    """A script of tokens and stop strings, most of them cut from the script's own text so
+    that they occur, overlap and complete at different tokens."""
+    script = draw(st.lists(st.integers(0, 13), min_size=1, max_size=14))
+    text = PieceTokenizer().decode(script)
+    stops = []
+    for _ in range(draw(st.integers(1, 3))):
+        if draw(st.booleans()):
+            i = draw(st.integers(0, len(text) - 1))
+            stops.append(text[i : i + draw(st.integers(1, 4))])
+        else:
+            stops.append(draw(st.text(alphabet="abcdxzq", min_size=1, max_size=4)))
+    return script, tuple(stops)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    case=scripts_and_stops(),
+    sizes=st.lists(st.integers(1, 5), min_size=1, max_size=6),
+    budget=st.integers(1, 16),
+)
+def test_stop_strings_do_not_depend_on_round_size(case, sizes, budget):
+    script, stop = case
+    one = _run(script, [1], stop, budget)
+    other = _run(script, sizes, stop, budget)
+    assert (other.text, other.token_ids, other.finish_reason) == (
+        one.text,
+        one.token_ids,
+        one.finish_reason,
+    )
+    full = PieceTokenizer().decode(one.token_ids)
+    assert full.startswith(one.text)  # token_ids agree with text
+    if one.finish_reason == "stop":
+        assert any(full[len(one.text) :].startswith(s) for s in stop)
+        assert not any(s in PieceTokenizer().decode(one.token_ids[:-1]) for s in stop)
+
+
+def test_text_stream_holds_back_a_possible_stop_string():
+    ts = TextStream(PieceTokenizer(), ("abcd",))
+    assert ts.update([4, 0]) == "x"  # "a" may start "abcd"
+    assert ts.update([4, 0, 11]) == "az"
+
+
+# ---- seeded replay: the same text however the rounds are split and resumed ----
+
+
+class LosesSessions(LocalVerifier):
+    """A local verifier that loses its session every few rounds, like a server that dies:
+    the loop re-opens it from the committed ids (remote=True makes it resume)."""
+
+    remote = True
+
+    def __init__(self, target, every: int) -> None:  # noqa: ANN001
+        super().__init__(target)
+        self.every, self.rounds = every, 0
+
+    def submit(self, drafts, version, pipelined=False):  # noqa: ANN001, ANN201
+        self.rounds += 1
+        if self.rounds % self.every == 0:
+            self.close()
+            fut: Future[Outcome] = Future()
+            fut.set_exception(SessionGone("lost"))
+            return fut
+        return super().submit(drafts, version, pipelined)
+
+
+class Ahead(LocalVerifier):
+    """A local verifier that takes rounds drafted ahead (as a server does)."""
+
+    pipelines = True
+
+
+@pytest.mark.parametrize("sampling", [SAMPLED, SamplingParams(temperature=0.8, top_p=0.9)])
+def test_fixed_k_and_seed_replay_across_splits_drafting_ahead_and_resumes(sampling, models, tok):
+    req = GenerationRequest(PROMPT, 48, sampling, seed=11)
+
+    def run(verifier: Verifier, pipeline: bool | None = None):  # noqa: ANN202
+        loop = DecodeLoop(verifier, [_draft(models, tok)], FixedK(3), pipeline=pipeline)
+        return loop.generate(req)
+
+    plain = run(LocalVerifier(_target(models, tok)))
+    ahead = run(Ahead(_target(models, tok)), pipeline=True)
+    resumed = run(LosesSessions(_target(models, tok), every=4))
+    assert ahead.stats.dropped > 0 or ahead.stats.round_trips > ahead.stats.target_passes
+    assert resumed.stats.reconnects >= 3
+    assert ahead.token_ids == plain.token_ids
+    assert resumed.token_ids == plain.token_ids
+    other = DecodeLoop(LocalVerifier(_target(models, tok)), [_draft(models, tok)], FixedK(3))
+    assert other.generate(GenerationRequest(PROMPT, 48, sampling, seed=12)).token_ids != (
+        plain.token_ids
+    )
+
+
+def test_resume_ids_continue_a_request(models, tok):
+    """A request resumed with the ids an earlier server made gives the rest of the same text."""
+    req = GenerationRequest(PROMPT, 40, SAMPLED, seed=5, stop=("zzz",))
+    engine = SpeculativeEngine(_target(models, tok), [_draft(models, tok)], k=2)
+    whole = engine.generate(req)
+    part = GenerationRequest(PROMPT, 40, SAMPLED, seed=5, stop=("zzz",))
+    part = GenerationRequest(
+        part.prompt_ids, 40, SAMPLED, 5, part.stop, resume_ids=tuple(whole.token_ids[:17])
+    )
+    chunks = list(engine.stream(part))
+    rest = chunks[-1].result
+    assert rest.token_ids == whole.token_ids
+    shown = TextStream(tok, part.stop).update(whole.token_ids[:17])  # what the client showed
+    assert shown + "".join(c.text for c in chunks) == whole.text
+
+
+# ---- rounds within the verifier's limit and the context left ----
+
+
+def test_fixed_k_above_the_verifiers_limit_is_capped(models, tok):
+    ref = SpeculativeEngine(_target(models, tok)).generate(GenerationRequest(PROMPT, 40))
+    sch = BatchScheduler(_target(models, tok), max_draft=4, batch_window=0.0)
+    sch.start()
+    try:
+        for proposers in ([_draft(models, tok)], [_draft(models, tok), _draft(models, tok, 2)]):
+            loop = DecodeLoop(ScheduledVerifier(sch), proposers, FixedK(9))
+            res = loop.generate(GenerationRequest(PROMPT, 40))
+            assert res.token_ids == ref.token_ids
+            assert max(res.stats.draft_lengths) <= 4
+    finally:
+        sch.stop()
+
+
+@pytest.mark.parametrize("n_drafters", [2, 3])
+def test_several_drafters_near_the_end_of_the_context_finish_with_length(n_drafters, models, tok):
+    n_ctx = len(PROMPT) + 11
+    ref = SpeculativeEngine(_target(models, tok, n_ctx)).generate(GenerationRequest(PROMPT, 64))
+    assert ref.finish_reason == "length"
+    drafters = [_draft(models, tok, 1), _draft(models, tok, 2), NGramProposer()][:n_drafters]
+    engine = SpeculativeEngine(_target(models, tok, n_ctx), drafters, k=6)
+    res = engine.generate(GenerationRequest(PROMPT, 64))
+    assert (res.token_ids, res.finish_reason) == (ref.token_ids, "length")
