@@ -166,11 +166,13 @@ def test_forward_batch_equals_separate_forwards(backend: TorchBackend) -> None:
     for g, w in zip(got, want):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-9)
-    # the caches were split back correctly: a second batch (chain only) still agrees
-    got2 = backend.forward_batch([(s, [7, 8]) for s in batch_seqs])
-    for s, r, g in zip(batch_seqs, ref_seqs, got2):
-        assert backend.length(s) == backend.length(r) + 2
-        np.testing.assert_allclose(g, backend.forward(r, [7, 8]), rtol=0, atol=1e-9)
+    # the caches were split back correctly: a second batch (chains; one item empty) agrees
+    more = [[7, 8], [7, 8], [], [7, 8]]
+    got2 = backend.forward_batch([(s, m, None) for s, m in zip(batch_seqs, more)])
+    for s, r, m, g in zip(batch_seqs, ref_seqs, more, got2):
+        assert g.shape == (len(m), V)
+        assert backend.length(s) == backend.length(r) + len(m)
+        np.testing.assert_allclose(g, backend.forward(r, m), rtol=0, atol=1e-9)
 
 
 def test_attention_mask_layout() -> None:
@@ -209,8 +211,14 @@ def test_bad_input_raises(backend: TorchBackend) -> None:
         backend.truncate(seq, 4)
     with pytest.raises(ConfigError):
         backend.keep(seq, 1, [2])
-    with pytest.raises(ConfigError):
-        backend.forward_batch([(seq, [1]), (seq, [2])])
+    with pytest.raises(ConfigError, match="only once"):
+        backend.forward_batch([(seq, [1], None), (seq, [2], None)])
+    other = backend.new_sequence()
+    with pytest.raises(ConfigError, match=r"\(seq, tokens, parents\) triples"):
+        backend.forward_batch([(seq, [1]), (other, [2])])
+    with pytest.raises(ConfigError, match="out of range"):
+        backend.forward_batch([(seq, [1], None), (other, [2, V], None)])
+    assert (backend.length(seq), backend.length(other)) == (3, 0)
     backend.free_sequence(seq)
     with pytest.raises(ConfigError):
         backend.length(seq)

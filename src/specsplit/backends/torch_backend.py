@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from specsplit import registry
-from specsplit.backends.base import Backend, Tokenizer
+from specsplit.backends.base import Backend, BatchItem, Tokenizer, check_batch
 from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint
 from specsplit.backends.tree import tree_layout
 from specsplit.errors import ConfigError, ModelError
@@ -210,22 +210,31 @@ class TorchBackend(Backend):
         return self._to_numpy(out.logits[0, -1])  # [V]
 
     @torch.inference_mode()
-    def forward_batch(self, items: Sequence[tuple]) -> list[np.ndarray]:
-        """Items (seq, tokens) or (seq, tokens, parents), one per distinct sequence; one batched
-        forward over all of them; returns logits [n_b, V] per item."""
-        if len(items) <= 1:
-            return [self.forward(*item) for item in items]
-        seqs = [item[0] for item in items]
-        if len(set(seqs)) != len(seqs):
-            raise ConfigError("forward_batch: each sequence may appear only once")
-        toks = [self._check_tokens(item[0], item[1]) for item in items]
-        if any(len(t) == 0 for t in toks):
-            raise ConfigError("forward_batch: every item needs at least one token")
-        parents = [item[2] if len(item) > 2 and item[2] is not None else None for item in items]
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[np.ndarray]:
+        """Items (seq, tokens, parents), distinct sequences, chains or trees: one batched
+        forward over all that have tokens; returns logits [n_b, V] per item."""
+        batch = check_batch(items)
+        toks = [self._check_tokens(seq, tokens) for seq, tokens, _ in batch]
+        live = [b for b, t in enumerate(toks) if t]  # items with tokens
+        if len(live) <= 1:
+            return super().forward_batch(batch)  # one forward each
+        out = [np.zeros((0, self.vocab_size), dtype=self._np_dtype()) for _ in batch]
+        logits = self._forward_padded([(batch[b][0], toks[b], batch[b][2]) for b in live])
+        for b, lg in zip(live, logits, strict=True):
+            out[b] = lg
+        return out
+
+    def _forward_padded(
+        self, items: Sequence[tuple[int, list[int], Sequence[int] | None]]
+    ) -> list[np.ndarray]:
+        """One forward of B >= 2 sequences, new tokens padded on the right to N; caches are
+        stacked into one batch cache and split back after the pass."""
+        seqs = [seq for seq, _, _ in items]
+        toks = [t for _, t, _ in items]
         layouts = [
             tree_layout(list(p) if p is not None else list(range(-1, len(t) - 1)))
-            for t, p in zip(toks, parents, strict=True)
-        ]
+            for _, t, p in items
+        ]  # depths [n_b], ancestors [n_b, n_b]
         lens = [self._lens[s] for s in seqs]
         n_max = max(len(t) for t in toks)
         ids = torch.tensor([t + [0] * (n_max - len(t)) for t in toks], device=self.device)
