@@ -138,7 +138,7 @@ def test_forward_batch_matches_separate(backend, ids):
     a, b = backend.new_sequence(), backend.new_sequence()
     backend.forward(a, ids[:5])
     backend.forward(b, ids[:9])
-    batched = backend.forward_batch([(a, ids[5:9]), (b, ids[9:11])])
+    batched = backend.forward_batch([(a, ids[5:9], None), (b, ids[9:11], None)])
     assert [x.shape[0] for x in batched] == [4, 2]
     backend.truncate(a, 5)
     backend.truncate(b, 9)
@@ -146,11 +146,13 @@ def test_forward_batch_matches_separate(backend, ids):
     for x, y in zip(batched, separate, strict=True):
         close_logits(x, y)
     backend.truncate(a, 5)
-    tree_and_chain = backend.forward_batch([(a, TREE, PARENTS), (b, ids[11:12])])
+    tree_and_chain = backend.forward_batch([(a, TREE, PARENTS), (b, ids[11:12], None)])
     close_logits(tree_and_chain[0][[4, 5]], chain(backend, ids[:5] + TREE[4:])[5:])
     backend.free_sequence(a)  # with its tree pending: the temporary ids go too
     backend.free_sequence(b)
     assert backend.forward_batch([]) == []
+    with pytest.raises(ConfigError, match=r"\(seq, tokens, parents\) triples"):
+        backend.forward_batch([(a, ids[:2])])
 
 
 def test_sequences_and_temporary_ids_are_recycled(backend, ids):

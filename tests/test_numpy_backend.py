@@ -209,6 +209,44 @@ def test_keep_path_then_continue_equals_chain(tiny, leaf):
     backend.free_sequence(seq)
 
 
+def test_forward_batch_of_trees_and_chains_equals_separate_forwards(tiny):
+    _, backend = tiny
+    items = [(TOKENS[20:24], None), (TREE_TOKENS, TREE_PARENTS), ([], None), ([9], [-1])]
+    batch_seqs, ref_seqs = [], []
+    for n in (3, 15, 7, 0):  # cached prefixes of different lengths
+        s, r = backend.new_sequence(), backend.new_sequence()
+        for seq in (s, r):
+            backend.forward(seq, TOKENS[:n])
+        batch_seqs.append(s)
+        ref_seqs.append(r)
+    got = backend.forward_batch([(s, t, p) for s, (t, p) in zip(batch_seqs, items)])
+    want = [backend.forward(r, t, p) for r, (t, p) in zip(ref_seqs, items)]
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and np.array_equal(g, w)
+    backend.keep(batch_seqs[1], 15, path_to(5))  # the tree's cache entries are the tree's
+    backend.keep(ref_seqs[1], 15, path_to(5))
+    assert np.array_equal(backend.forward(batch_seqs[1], [5]), backend.forward(ref_seqs[1], [5]))
+    for seq in batch_seqs + ref_seqs:
+        backend.free_sequence(seq)
+
+
+def test_forward_batch_contract_errors(tiny):
+    _, backend = tiny
+    a, b = backend.new_sequence(), backend.new_sequence()
+    backend.forward(a, [1, 2])
+    with pytest.raises(ConfigError, match=r"\(seq, tokens, parents\) triples"):
+        backend.forward_batch([(a, [3])])
+    with pytest.raises(ConfigError, match="only once"):
+        backend.forward_batch([(a, [3], None), (a, [4], None)])
+    with pytest.raises(ConfigError, match="1 parents for 2 tokens"):
+        backend.forward_batch([(a, [3], None), (b, [4, 5], [-1])])
+    with pytest.raises(ConfigError, match="out of range"):  # the second item fails...
+        backend.forward_batch([(a, TREE_TOKENS, TREE_PARENTS), (b, [V], None)])
+    assert (backend.length(a), backend.length(b)) == (2, 0)  # ...and the first is undone
+    backend.free_sequence(a)
+    backend.free_sequence(b)
+
+
 def test_cache_grows_past_initial_capacity(tiny):
     _, backend = tiny
     long = [int(t) for t in RNG.integers(0, V, size=150)]

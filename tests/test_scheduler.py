@@ -1,20 +1,28 @@
-"""The batch scheduler on a tiny model: batched rounds equal single ones, KV budget eviction
-and rebuild, chunked prefill that does not stall decoding sessions."""
+"""The batch scheduler on a tiny model: batched rounds equal single ones (chains and token
+trees, on every backend), KV budget eviction and rebuild, chunked prefill that does not stall
+decoding sessions."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from conftest import perturbed, tiny_llama
+from specsplit.backends.base import Backend
 from specsplit.backends.byte_tokenizer import ByteTokenizer
+from specsplit.backends.numpy_backend import NumpyBackend
 from specsplit.backends.torch_backend import TorchBackend
 from specsplit.engine.draft_length import FixedK
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
+from specsplit.engine.verifier import LocalVerifier, Outcome
 from specsplit.errors import Overloaded
+from specsplit.proposers.base import Draft, Proposer
 from specsplit.proposers.draft_model import DraftModelProposer
+from specsplit.proposers.ngram import NGramProposer
 from specsplit.sampling import GREEDY
 
 PROMPT = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 72, 101]
@@ -134,3 +142,151 @@ def test_idle_session_times_out(setup):
         assert not sch.sessions and s.closed and s.state.seq is None
     finally:
         sch.stop()
+
+
+# ---- token trees from several sessions in one batched pass, on every backend ----------------
+
+
+def tree_round(drafter: Proposer, ngram: Proposer, context: list[int], r: int, vocab: int):
+    """Round r's drafts: the drafter's chain d and copies of d that branch off it at depth 1
+    or 2, so the target sees a token tree (a shared prefix, then siblings); every third round
+    one plain chain."""
+    k = 2 + r % 3
+    d = drafter.propose(context, k, GREEDY, None).tokens  # [k]
+
+    def branch(at: int) -> Draft:
+        return Draft([*d[:at], (d[at] + 1) % vocab, *d[at + 1 :]])
+
+    if r % 3 == 0:
+        return [Draft(d), branch(1)]
+    if r % 3 == 1:
+        return [branch(2), branch(1), ngram.propose(context, 3, GREEDY, None)]
+    return [Draft(d)]
+
+
+def run_batched(target: Backend, prompts, drafter: Proposer, rounds: int):
+    """Every session's rounds verified together by a BatchScheduler; returns per session the
+    drafts sent and the outcomes, and the scheduler's batch sizes."""
+    sch = BatchScheduler(target, max_batch=8, batch_window=0.5)  # waits for every session
+    sch.start()
+    try:
+        sessions = [sch.open(p, GREEDY, seed=i) for i, p in enumerate(prompts)]
+        for s in sessions:
+            s.ready.result(60)
+        ngrams = [NGramProposer() for _ in prompts]
+        sent: list[list[list[Draft]]] = [[] for _ in prompts]
+        outs: list[list[Outcome]] = [[] for _ in prompts]
+        for r in range(rounds):
+            snaps = [s.state.snapshot() for s in sessions]  # (tokens, version)
+            drafts = [
+                tree_round(drafter, ngrams[i], toks, r + i, target.vocab_size)
+                for i, (toks, _) in enumerate(snaps)
+            ]
+            futs = [sch.submit(s, d, v) for s, d, (_, v) in zip(sessions, drafts, snaps)]
+            for i, f in enumerate(futs):
+                sent[i].append(drafts[i])
+                outs[i].append(f.result(60))
+        return sent, outs, dict(sch.stats.batch_sizes)
+    finally:
+        sch.stop()
+
+
+def replay_alone(target: Backend, prompt, seed: int, sent: Sequence[Sequence[Draft]]):
+    """The same rounds verified one session at a time with a LocalVerifier (one forward each)."""
+    v = LocalVerifier(target)
+    v.open(prompt, GREEDY, seed)
+    try:
+        return [v.submit(drafts, version).result() for version, drafts in enumerate(sent)]
+    finally:
+        v.close()
+
+
+def verdict(o: Outcome) -> tuple:
+    return o.version, o.n_accepted, o.next_token, o.chain, o.accepted
+
+
+def plain_greedy(target: Backend, prompt: list[int], n: int) -> list[int]:
+    """n tokens of plain greedy decoding of the target, one forward per token."""
+    seq = target.new_sequence()
+    logits, out = target.forward(seq, prompt)[-1], []
+    for _ in range(n):
+        out.append(int(np.argmax(logits)))
+        logits = target.forward(seq, out[-1:])[-1]
+    target.free_sequence(seq)
+    return out
+
+
+def tree_coverage(sent, outs) -> tuple[int, int]:
+    """Tree rounds (several distinct chains) that accepted >= 2 tokens, and rounds that
+    rejected a draft token (a correction)."""
+    deep = rejected = 0
+    for drafts, o in zip(sent, outs, strict=True):
+        chains = {tuple(d.tokens) for d in drafts if d.tokens}
+        deep += len(chains) > 1 and o.n_accepted >= 2
+        rejected += o.n_accepted < max(len(c) for c in chains)
+    return deep, rejected
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_tree_rounds_batched_equal_rounds_alone(setup, kind):
+    tok, model, draft = setup
+    target = TorchBackend(model, tok) if kind == "torch" else NumpyBackend.from_torch(model, tok)
+    prompts = [PROMPT[: 5 + 4 * i] for i in range(3)]
+    rounds = 6
+    sent, outs, sizes = run_batched(
+        target, prompts, DraftModelProposer(TorchBackend(draft, tok)), rounds
+    )
+    assert sizes == {len(prompts): rounds}  # every pass verified all three sessions
+    for i, p in enumerate(prompts):
+        alone = replay_alone(target, p, i, sent[i])
+        assert [verdict(o) for o in outs[i]] == [verdict(o) for o in alone], f"session {i}"
+        committed = [t for o in outs[i] for t in (*o.accepted, o.next_token)]
+        assert committed == plain_greedy(target, p, len(committed))  # lossless
+        deep, rejected = tree_coverage(sent[i], outs[i])
+        assert deep >= 1 and rejected >= 1, (deep, rejected)
+
+
+LLAMA_LOGIT_TOL = 2.0  # llama.cpp's batch-shape drift, as in tests/test_llamacpp_backend.py
+
+
+def top2_gap(target: Backend, ids: list[int]) -> float:
+    """The target's gap between its two largest next-token logits after ids."""
+    seq = target.new_sequence()
+    try:
+        row = np.sort(target.forward(seq, ids)[-1].astype(np.float64))
+    finally:
+        target.free_sequence(seq)
+    return float(row[-1] - row[-2])
+
+
+@pytest.mark.integration
+def test_tree_rounds_batched_equal_rounds_alone_llamacpp():
+    pytest.importorskip("llama_cpp")
+    from specsplit.backends.llamacpp_backend import LlamaCppBackend
+
+    target = LlamaCppBackend.load("smollm2-135m", n_ctx=512, threads=2, n_seq_max=4)
+    drafter = LlamaCppBackend.load("smollm2-135m", n_ctx=512, threads=2, n_seq_max=1)
+    texts = ["The capital of France is", "def fib(n):\n    ", "Once upon a time, in a small"]
+    prompts = [target.tokenizer.encode(t) for t in texts]
+    rounds = 6
+    try:
+        sent, outs, sizes = run_batched(target, prompts, DraftModelProposer(drafter), rounds)
+        assert sizes == {len(prompts): rounds}
+        for i, p in enumerate(prompts):
+            alone = replay_alone(target, p, i, sent[i])
+            done = list(p)  # committed ids while both agree
+            for r, (a, b) in enumerate(zip(outs[i], alone, strict=True)):
+                if verdict(a) != verdict(b):  # only a near tie may tell them apart
+                    x, y = [*a.accepted, a.next_token], [*b.accepted, b.next_token]
+                    j = next(
+                        (j for j, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y))
+                    )
+                    gap = top2_gap(target, done + x[:j])
+                    assert gap <= LLAMA_LOGIT_TOL, f"session {i} round {r}: gap {gap:.2f}"
+                    break
+                done += [*a.accepted, a.next_token]
+            deep, rejected = tree_coverage(sent[i], outs[i])
+            assert deep >= 1 and rejected >= 1, (deep, rejected)
+    finally:
+        drafter.close()
+        target.close()

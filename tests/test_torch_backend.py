@@ -1,4 +1,7 @@
-"""The torch backend against plain transformers forwards, on tiny random float64 models."""
+"""The torch backend against plain transformers forwards, on tiny random float64 models:
+Llama, and the sliding-window architectures it runs where the window spans the context
+(Mistral, Gemma 2 with its alternating layers and soft-capped attention, Qwen2 with mixed
+layers)."""
 
 from __future__ import annotations
 
@@ -12,11 +15,15 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import perturbed
 from specsplit import registry
 from specsplit.backends.byte_tokenizer import ByteTokenizer
 from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint, vocab_fingerprint
+from specsplit.backends.torch_attention import EAGER
 from specsplit.backends.torch_backend import TorchBackend, attention_mask, tree_layout
+from specsplit.engine.speculative import GenerationRequest, SpeculativeEngine
 from specsplit.errors import ConfigError, ModelError
+from specsplit.proposers.draft_model import DraftModelProposer
 
 V = 300
 TOL = 1e-10
@@ -37,9 +44,54 @@ def tiny_model(seed: int = 0, attn: str = "sdpa", dtype=torch.float64) -> LlamaF
     return LlamaForCausalLM(cfg).to(dtype).eval()
 
 
-@pytest.fixture(scope="module")
-def backend() -> TorchBackend:
-    return TorchBackend(tiny_model(), ByteTokenizer(V))
+WINDOWED = ("mistral", "gemma2", "gemma3", "qwen2")
+
+
+def tiny_windowed(arch: str, window: int, seed: int = 0, dtype=torch.float64):
+    """A tiny model of 64 positions with sliding-window layers: Mistral (every layer), Gemma 2
+    (sliding and full layers alternate; soft-capped attention logits, no sdpa in
+    transformers), Gemma 3 (alternating, with its own rope base on sliding layers) or Qwen2
+    (two full layers, then two sliding ones)."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        sliding_window=window,
+        initializer_range=0.15,  # sharper than the default: drafts are sometimes rejected
+        tie_word_embeddings=False,
+    )
+    if arch == "mistral":
+        from transformers import MistralConfig, MistralForCausalLM
+
+        model = MistralForCausalLM(MistralConfig(**common))
+    elif arch == "gemma2":
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        model = Gemma2ForCausalLM(Gemma2Config(head_dim=16, **common))
+    elif arch == "gemma3":
+        from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+        layers = ["sliding_attention", "full_attention"] * 2
+        model = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=16, layer_types=layers, **common))
+    else:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+
+        cfg = Qwen2Config(use_sliding_window=True, max_window_layers=2, **common)
+        model = Qwen2ForCausalLM(cfg)
+    return model.to(dtype).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", *WINDOWED])
+def backend(request) -> TorchBackend:
+    """Llama, or a sliding-window model whose window (64) spans n_ctx (64): full attention."""
+    if request.param == "llama":
+        return TorchBackend(tiny_model(), ByteTokenizer(V))
+    return TorchBackend(tiny_windowed(request.param, window=64), ByteTokenizer(V))
 
 
 def tokens(n: int, seed: int = 1) -> list[int]:
@@ -166,11 +218,116 @@ def test_forward_batch_equals_separate_forwards(backend: TorchBackend) -> None:
     for g, w in zip(got, want):
         assert g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-9)
-    # the caches were split back correctly: a second batch (chain only) still agrees
-    got2 = backend.forward_batch([(s, [7, 8]) for s in batch_seqs])
-    for s, r, g in zip(batch_seqs, ref_seqs, got2):
-        assert backend.length(s) == backend.length(r) + 2
-        np.testing.assert_allclose(g, backend.forward(r, [7, 8]), rtol=0, atol=1e-9)
+    # the caches were split back correctly: a second batch (chains; one item empty) agrees
+    more = [[7, 8], [7, 8], [], [7, 8]]
+    got2 = backend.forward_batch([(s, m, None) for s, m in zip(batch_seqs, more)])
+    for s, r, m, g in zip(batch_seqs, ref_seqs, more, got2):
+        assert g.shape == (len(m), V)
+        assert backend.length(s) == backend.length(r) + len(m)
+        np.testing.assert_allclose(g, backend.forward(r, m), rtol=0, atol=1e-9)
+
+
+PROMPT = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 72, 101]
+
+
+class TreeCounting(TorchBackend):
+    """A torch backend that counts the token trees it is asked to forward."""
+
+    trees = 0
+
+    def forward(self, seq, tokens, parents=None):
+        self.trees += parents is not None
+        return super().forward(seq, tokens, parents)
+
+
+@pytest.mark.parametrize("drafters", [1, 2], ids=["chains", "trees"])
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_windowed_greedy_speculative_equals_greedy(arch: str, drafters: int) -> None:
+    tok = ByteTokenizer(V)
+    model = tiny_windowed(arch, window=64)
+    target = TreeCounting(model, tok)
+    req = GenerationRequest(PROMPT, max_new_tokens=40)
+    reference = SpeculativeEngine(target).generate(req)  # plain greedy decoding
+    drafts = [perturbed(model, 0.08, seed=1), perturbed(model, 0.3, seed=2)][:drafters]
+    engine = SpeculativeEngine(
+        target, [DraftModelProposer(TorchBackend(d, tok)) for d in drafts], k=3
+    )
+    res = engine.generate(req)
+    assert res.token_ids == reference.token_ids
+    st = res.stats
+    assert st.target_passes < reference.stats.target_passes and st.rejected_rounds >= 1
+    assert (target.trees > 0) == (drafters == 2)  # two drafters: rounds verified as trees
+
+
+@pytest.mark.parametrize("arch", WINDOWED)
+def test_window_narrower_than_context_is_refused(arch: str) -> None:
+    model = tiny_windowed(arch, window=32)
+    with pytest.raises(ConfigError) as err:
+        TorchBackend(model, ByteTokenizer(V))  # n_ctx = 64 positions
+    model_type = {"gemma3": "gemma3_text"}.get(arch, arch)  # transformers' name for it
+    assert str(err.value) == (
+        f"{model_type}: its attention window (32 tokens) is narrower than n_ctx=64, and the torch "
+        "backend runs a window only where it spans the whole context; pass n_ctx <= 32"
+    )
+    b = TorchBackend(model, ByteTokenizer(V), n_ctx=32)
+    seq, toks = b.new_sequence(), tokens(32)
+    got = np.concatenate([b.forward(seq, toks[:20]), b.forward(seq, toks[20:])])
+    np.testing.assert_allclose(got, no_cache(b.model, toks), rtol=0, atol=TOL)
+
+
+def test_gemma2_runs_transformers_eager_attention_in_its_own_precision() -> None:
+    toks = tokens(40)
+    for dtype, atol in [(torch.float32, 0.0), (torch.float64, 1e-5)]:
+        model = tiny_windowed("gemma2", window=64, dtype=dtype)
+        assert model.config._attn_implementation == "eager"  # transformers has no sdpa for it
+        want = no_cache(model, toks)  # transformers' eager: softmax in float32
+        b = TorchBackend(model, ByteTokenizer(V))
+        assert b.model.config._attn_implementation == EAGER
+        seq = b.new_sequence()
+        got = b.forward(seq, toks)
+        # float32: op for op what eager computes; float64: eager's float32 softmax is the gap
+        np.testing.assert_allclose(got, want, rtol=0, atol=atol)
+
+
+def test_model_without_sdpa_is_refused() -> None:
+    from transformers import GptOssConfig, GptOssForCausalLM
+
+    cfg = GptOssConfig(
+        vocab_size=V,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        max_position_embeddings=64,
+        sliding_window=64,
+    )
+    with pytest.raises(ModelError) as err:
+        TorchBackend(GptOssForCausalLM(cfg), ByteTokenizer(V))  # attention sinks: eager only
+    assert str(err.value) == (
+        "gpt_oss: transformers has no sdpa attention for this model, and the torch backend "
+        "needs it to apply tree and batch masks exactly; use the llama.cpp backend"
+    )
+
+
+def test_load_folder_of_a_windowed_model(tmp_path: Path) -> None:
+    model = tiny_windowed("gemma2", window=32)
+    model.save_pretrained(tmp_path)
+    small_hf_tokenizer().save_pretrained(tmp_path)
+    with pytest.raises(ConfigError, match=r"^gemma2: .* pass n_ctx <= 32$"):
+        TorchBackend.load(str(tmp_path), dtype="float64")
+    b = TorchBackend.load(str(tmp_path), dtype="float64", n_ctx=32)
+    assert b.origin == "folder" and b.model.config._attn_implementation == EAGER
+    seq = b.new_sequence()
+    np.testing.assert_allclose(
+        b.forward(seq, tokens(32)),
+        chain(TorchBackend(model, ByteTokenizer(V), n_ctx=32), tokens(32)),
+        rtol=0,
+        atol=TOL,
+    )
 
 
 def test_attention_mask_layout() -> None:
@@ -209,8 +366,14 @@ def test_bad_input_raises(backend: TorchBackend) -> None:
         backend.truncate(seq, 4)
     with pytest.raises(ConfigError):
         backend.keep(seq, 1, [2])
-    with pytest.raises(ConfigError):
-        backend.forward_batch([(seq, [1]), (seq, [2])])
+    with pytest.raises(ConfigError, match="only once"):
+        backend.forward_batch([(seq, [1], None), (seq, [2], None)])
+    other = backend.new_sequence()
+    with pytest.raises(ConfigError, match=r"\(seq, tokens, parents\) triples"):
+        backend.forward_batch([(seq, [1]), (other, [2])])
+    with pytest.raises(ConfigError, match="out of range"):
+        backend.forward_batch([(seq, [1], None), (other, [2, V], None)])
+    assert (backend.length(seq), backend.length(other)) == (3, 0)
     backend.free_sequence(seq)
     with pytest.raises(ConfigError):
         backend.length(seq)
@@ -235,15 +398,25 @@ def test_load_rejects_bad_settings() -> None:
         TorchBackend.load("/nonexistent/model.gguf")
 
 
-def test_hf_tokenizer_on_a_small_vocabulary() -> None:
+SMALL_VOCAB = {"<|endoftext|>": 0, "<|im_end|>": 1, "<unk>": 2, "hello": 3, "world": 4}
+
+
+def small_hf_tokenizer():
+    """A transformers tokenizer over SMALL_VOCAB (whole words)."""
     from tokenizers import Tokenizer as RawTokenizer
     from tokenizers import decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {"<|endoftext|>": 0, "<|im_end|>": 1, "<unk>": 2, "hello": 3, "world": 4}
-    raw = RawTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw = RawTokenizer(models.WordLevel(SMALL_VOCAB, unk_token="<unk>"))
     raw.pre_tokenizer, raw.decoder = pre_tokenizers.Whitespace(), decoders.WordPiece()
-    hf = PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|endoftext|>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=raw, eos_token="<|endoftext|>", unk_token="<unk>"
+    )
+
+
+def test_hf_tokenizer_on_a_small_vocabulary() -> None:
+    vocab = SMALL_VOCAB
+    hf = small_hf_tokenizer()
     tok = HFTokenizer(hf)
     assert tok.vocab_size == 5 and tok.bos_token_id is None
     assert tok.eos_token_ids == {0, 1}  # eos plus the end-of-turn token in the vocabulary

@@ -12,6 +12,12 @@ its parent among the new tokens, -1 for a child of the cached prefix). Its posit
 After a tree forward, ``keep(seq, start, indices)`` compacts the cache to the first
 ``start`` entries followed by the entries of the new tokens at ``indices`` (an accepted
 root-to-leaf path, in order).
+
+Batch forward (the batch scheduler's one target pass for many sessions):
+``forward_batch([(seq, tokens, parents), ...])`` takes one ``BatchItem`` per distinct sequence,
+each a chain (parents None) or a tree exactly as in ``forward``, and returns item b's logits
+[n_b, V]: those ``forward(seq, tokens, parents)`` would return (on llama.cpp, up to its
+batch-shape drift). If it raises, no sequence has changed.
 """
 
 from __future__ import annotations
@@ -20,6 +26,29 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import numpy as np
+
+from specsplit.errors import ConfigError
+
+BatchItem = tuple[int, Sequence[int], Sequence[int] | None]  # (seq, tokens [n], parents [n])
+
+
+def check_batch(items: Sequence[BatchItem]) -> list[BatchItem]:
+    """forward_batch's items as (seq, tokens, parents) triples; a ConfigError for any other
+    shape, a sequence named twice, or parents not one per token."""
+    batch: list[BatchItem] = []
+    for item in items:
+        if not isinstance(item, tuple | list) or len(item) != 3:
+            raise ConfigError(
+                "forward_batch items are (seq, tokens, parents) triples, parents None for a chain"
+            )
+        seq, tokens, parents = item
+        if parents is not None and len(parents) != len(tokens):
+            raise ConfigError(f"{len(parents)} parents for {len(tokens)} tokens")
+        batch.append((seq, tokens, parents))
+    seqs = [seq for seq, _, _ in batch]
+    if len(set(seqs)) != len(seqs):
+        raise ConfigError("forward_batch: each sequence may appear only once")
+    return batch
 
 
 class Tokenizer(ABC):
@@ -96,9 +125,21 @@ class Backend(ABC):
             raise ValueError("prefill needs at least one token")
         return last
 
-    def forward_batch(self, items: Sequence[tuple[int, Sequence[int]]]) -> list[np.ndarray]:
-        """Forward several sequences' new tokens; default: one after another."""
-        return [self.forward(seq, toks) for seq, toks in items]
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[np.ndarray]:
+        """Forward distinct sequences' new tokens, each a chain or a tree (see the module
+        docstring); logits [n_b, V] per item. Default: one forward after another, undone
+        if one fails."""
+        batch = check_batch(items)
+        starts = [self.length(seq) for seq, _, _ in batch]
+        out: list[np.ndarray] = []
+        try:
+            for seq, tokens, parents in batch:
+                out.append(self.forward(seq, tokens, parents))
+        except BaseException:
+            for (seq, _, _), start in zip(batch[: len(out)], starts, strict=False):
+                self.truncate(seq, start)
+            raise
+        return out
 
     def kv_bytes_per_token(self) -> int:
         """Bytes of KV cache one token of one sequence holds (0: unknown)."""

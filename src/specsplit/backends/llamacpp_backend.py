@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from specsplit import registry
-from specsplit.backends.base import Backend, Tokenizer
+from specsplit.backends.base import Backend, BatchItem, Tokenizer, check_batch
 from specsplit.backends.vocab import END_OF_TURN_TOKENS, vocab_fingerprint
 from specsplit.errors import ConfigError, ModelError
 
@@ -361,14 +361,13 @@ class LlamaCppBackend(Backend):
             return np.concatenate(out)  # [n, V]
         return self._run([(seq, tokens, parents)])[0]
 
-    def forward_batch(self, items: Sequence[tuple]) -> list[np.ndarray]:
-        """Items (seq, tokens) or (seq, tokens, parents), distinct sequences, in one decode."""
-        full = [(it[0], it[1], it[2] if len(it) > 2 else None) for it in items]
-        if len({it[0] for it in full}) != len(full):
-            raise ConfigError("forward_batch: each sequence may appear only once")
-        if sum(len(it[1]) for it in full) > N_BATCH:
-            return [self.forward(*it) for it in full]
-        return self._run(full)
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[np.ndarray]:
+        """Items (seq, tokens, parents), distinct sequences, chains or trees, in one decode
+        (one decode per item if together they exceed N_BATCH tokens)."""
+        batch = check_batch(items)
+        if sum(len(tokens) for _, tokens, _ in batch) > N_BATCH:
+            return super().forward_batch(batch)
+        return self._run(batch)
 
     def prefill(self, seq: int, tokens: Sequence[int], chunk: int = N_BATCH) -> np.ndarray:
         """Append tokens in chunks with logits for the last one only; return them [V]."""
@@ -387,7 +386,7 @@ class LlamaCppBackend(Backend):
             raise
         return last[0]  # [V]
 
-    def _run(self, items: Sequence[tuple[int, Sequence[int], Sequence[int] | None]]) -> list:
+    def _run(self, items: Sequence[BatchItem]) -> list[np.ndarray]:
         """Forward several sequences' new tokens (chains or trees) in one llama_decode."""
         checked = [(s, self._check_tokens(s, t), p) for s, t, p in items]
         starts = [(s, self._lens[s]) for s, _, _ in checked]

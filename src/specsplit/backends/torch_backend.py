@@ -2,8 +2,13 @@
 
 Tree forwards and batches pass a 4D additive mask [B, 1, n, kv_len] (0 = may attend,
 dtype-min = may not) as ``attention_mask``; transformers 5 hands such a mask to the
-attention kernels unchanged. Models run with "sdpa" attention: "eager" honours the mask too
-but takes its softmax in float32, so float64 test models would not be exact.
+attention kernels unchanged. Models run with "sdpa" attention, Gemma 2 with an exact eager
+attention (see torch_attention.py).
+
+Sliding-window layers (Mistral, the alternating layers of Gemma 2 and 3) run only where the
+window covers the backend's whole context (n_ctx <= window): there a window changes nothing,
+so every layer keeps a plain full cache and the masks are the full-attention ones. A narrower
+window is refused at construction.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import numpy as np
 import torch
 
 from specsplit import registry
-from specsplit.backends.base import Backend, Tokenizer
+from specsplit.backends.base import Backend, BatchItem, Tokenizer, check_batch
 from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint
+from specsplit.backends.torch_attention import use_exact_attention
 from specsplit.backends.tree import tree_layout
 from specsplit.errors import ConfigError, ModelError
 
@@ -56,7 +62,8 @@ def attention_mask(
 
 
 class TorchBackend(Backend):
-    """A transformers causal LM (Llama/Qwen2 family) with one DynamicCache per sequence."""
+    """A transformers causal LM with one DynamicCache per sequence (full-attention layers, or
+    sliding windows that span n_ctx)."""
 
     name = "torch"
     supports_tree = True
@@ -66,8 +73,6 @@ class TorchBackend(Backend):
     ) -> None:
         self.device = _check_device(device)
         self.model = model.to(self.device).eval()
-        if self.model.config._attn_implementation != "sdpa":
-            self.model.set_attn_implementation("sdpa")  # exact; eager softmaxes in float32
         self.config = self.model.config.get_text_config(decoder=True)
         self.tokenizer = tokenizer
         self.vocab_size = int(self.config.vocab_size)
@@ -76,6 +81,10 @@ class TorchBackend(Backend):
                 f"tokenizer has {tokenizer.vocab_size} tokens but the model only {self.vocab_size}"
             )
         self.n_ctx = int(n_ctx or self.config.max_position_embeddings)
+        if self.n_ctx < 1:
+            raise ConfigError(f"n_ctx must be >= 1, got {self.n_ctx}")
+        self._n_layers = _full_attention_layers(self.config, self.n_ctx)
+        use_exact_attention(self.model)
         self.origin = "memory"  # where the weights came from: memory, gguf, cache, folder, hub
         self._caches: dict[int, Any] = {}
         self._lens: dict[int, int] = {}
@@ -121,16 +130,20 @@ class TorchBackend(Backend):
     # ---- sequences -----------------------------------------------------------------------
 
     def new_sequence(self) -> int:
-        from transformers import DynamicCache
-
         seq, self._next_seq = self._next_seq, self._next_seq + 1
-        self._caches[seq] = DynamicCache(config=self.config)
+        self._caches[seq] = self._new_cache()
         self._lens[seq] = 0
-        if any(type(layer).__name__ != "DynamicLayer" for layer in self._caches[seq].layers):
-            raise ModelError(
-                "torch backend supports full-attention models only (no sliding window)"
-            )
         return seq
+
+    def _new_cache(self) -> Any:
+        """A DynamicCache with a full-attention layer per model layer (sliding windows were
+        checked to cover n_ctx, so a full cache is exact for them too)."""
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        cache = DynamicCache()
+        cache.layers = [DynamicLayer() for _ in range(self._n_layers)]
+        return cache
 
     def free_sequence(self, seq: int) -> None:
         self._check_seq(seq)
@@ -210,22 +223,31 @@ class TorchBackend(Backend):
         return self._to_numpy(out.logits[0, -1])  # [V]
 
     @torch.inference_mode()
-    def forward_batch(self, items: Sequence[tuple]) -> list[np.ndarray]:
-        """Items (seq, tokens) or (seq, tokens, parents), one per distinct sequence; one batched
-        forward over all of them; returns logits [n_b, V] per item."""
-        if len(items) <= 1:
-            return [self.forward(*item) for item in items]
-        seqs = [item[0] for item in items]
-        if len(set(seqs)) != len(seqs):
-            raise ConfigError("forward_batch: each sequence may appear only once")
-        toks = [self._check_tokens(item[0], item[1]) for item in items]
-        if any(len(t) == 0 for t in toks):
-            raise ConfigError("forward_batch: every item needs at least one token")
-        parents = [item[2] if len(item) > 2 and item[2] is not None else None for item in items]
+    def forward_batch(self, items: Sequence[BatchItem]) -> list[np.ndarray]:
+        """Items (seq, tokens, parents), distinct sequences, chains or trees: one batched
+        forward over all that have tokens; returns logits [n_b, V] per item."""
+        batch = check_batch(items)
+        toks = [self._check_tokens(seq, tokens) for seq, tokens, _ in batch]
+        live = [b for b, t in enumerate(toks) if t]  # items with tokens
+        if len(live) <= 1:
+            return super().forward_batch(batch)  # one forward each
+        out = [np.zeros((0, self.vocab_size), dtype=self._np_dtype()) for _ in batch]
+        logits = self._forward_padded([(batch[b][0], toks[b], batch[b][2]) for b in live])
+        for b, lg in zip(live, logits, strict=True):
+            out[b] = lg
+        return out
+
+    def _forward_padded(
+        self, items: Sequence[tuple[int, list[int], Sequence[int] | None]]
+    ) -> list[np.ndarray]:
+        """One forward of B >= 2 sequences, new tokens padded on the right to N; caches are
+        stacked into one batch cache and split back after the pass."""
+        seqs = [seq for seq, _, _ in items]
+        toks = [t for _, t, _ in items]
         layouts = [
             tree_layout(list(p) if p is not None else list(range(-1, len(t) - 1)))
-            for t, p in zip(toks, parents, strict=True)
-        ]
+            for _, t, p in items
+        ]  # depths [n_b], ancestors [n_b, n_b]
         lens = [self._lens[s] for s in seqs]
         n_max = max(len(t) for t in toks)
         ids = torch.tensor([t + [0] * (n_max - len(t)) for t in toks], device=self.device)
@@ -244,9 +266,7 @@ class TorchBackend(Backend):
 
     def _stack_caches(self, seqs: Sequence[int], l_max: int) -> Any:
         """One batch DynamicCache [B, H, l_max, D] per layer, each sequence right-padded."""
-        from transformers import DynamicCache
-
-        batch = DynamicCache(config=self.config)
+        batch = self._new_cache()
         if l_max == 0:
             return batch
         per_seq = [self._caches[s].layers for s in seqs]
@@ -356,6 +376,35 @@ class TorchBackend(Backend):
 # ---- loading helpers ---------------------------------------------------------------------
 
 
+def _full_attention_layers(config: Any, n_ctx: int) -> int:
+    """The number of attention layers; a ConfigError if a sliding (or chunked) window is
+    narrower than n_ctx, a ModelError for layers that are not attention with a KV cache."""
+    from transformers import DynamicCache
+
+    try:
+        layers = DynamicCache(config=config).layers  # the cache transformers would build
+    except Exception as e:
+        msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"{config.model_type}: cannot lay out its KV cache ({msg})") from None
+    windows = []
+    for i, layer in enumerate(layers):
+        kind = type(layer).__name__
+        if kind == "DynamicSlidingWindowLayer":
+            windows.append(int(layer.sliding_window))
+        elif kind != "DynamicLayer":
+            raise ModelError(
+                f"{config.model_type}: layer {i} keeps a {kind} cache; the torch backend runs "
+                "full-attention and sliding-window layers only"
+            )
+    if windows and min(windows) < n_ctx:
+        raise ConfigError(
+            f"{config.model_type}: its attention window ({min(windows)} tokens) is narrower than "
+            f"n_ctx={n_ctx}, and the torch backend runs a window only where it spans the whole "
+            f"context; pass n_ctx <= {min(windows)}"
+        )
+    return len(layers)
+
+
 def _check_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
@@ -382,7 +431,7 @@ def _load_transformers(
     """Model and tokenizer from a transformers folder or hub id."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)  # attention: see __init__
     return model, _tokenizer(source, model, fingerprint)
 
 
@@ -430,9 +479,7 @@ def _convert_gguf(path: Path, folder: Path) -> Any:
 
     kw = {"gguf_file": path.name}
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), dtype=torch.float32, attn_implementation="sdpa", **kw
-        )
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw)
         hf_tok = AutoTokenizer.from_pretrained(str(path.parent), **kw)
     except Exception as e:
         raise ModelError(f"cannot load GGUF {path} with transformers: {e}") from None
