@@ -13,9 +13,9 @@ import pytest
 from conftest import perturbed, tiny_llama
 from specsplit.backends.byte_tokenizer import ByteTokenizer
 from specsplit.backends.torch_backend import TorchBackend
-from specsplit.faces.bench import SCHEMA, Setup, add_bench_parser, run_bench, write_outputs
-from specsplit.faces.bench_summary import summarise
-from specsplit.faces.prompts import Prompt
+from specsplit.bench.harness import SCHEMA, Setup, add_bench_parser, run_bench, write_outputs
+from specsplit.bench.prompts import Prompt
+from specsplit.bench.summary import summarise
 from specsplit.proposers.ngram import NGramProposer
 from specsplit.transport.server import ServerConfig, SpecsplitServer
 
@@ -198,7 +198,7 @@ def test_summary_counts_a_differing_run():
 
 
 def test_llama_speculative_summary_is_parsed():
-    from specsplit.faces.bench_systems import parse_llama_speculative
+    from specsplit.bench.systems import parse_llama_speculative
 
     log = """
 encoded  143 tokens in    1.250 seconds, speed:  114.400 t/s
@@ -219,7 +219,7 @@ accept    = 65.000%
 
 
 def test_a_differing_run_is_located_and_its_tie_measured():
-    from specsplit.faces.bench_ties import annotate, top2_gap
+    from specsplit.bench.ties import annotate, top2_gap
 
     tok = ByteTokenizer(300)
     target = TorchBackend(tiny_llama(vocab=300, seed=0), tok)

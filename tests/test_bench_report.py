@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from specsplit.faces import bench_report as br
+from specsplit.bench import report as br
 
 SPEC = "spec[d0,k=auto]"
 EDGE0, EDGE20 = "edge[d0,rtt=0]", "edge[d0,rtt=20]"

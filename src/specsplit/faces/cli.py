@@ -8,20 +8,8 @@ import sys
 from pathlib import Path
 
 from specsplit.errors import ConfigError, Interrupted, SpecsplitError
-from specsplit.faces.settings import GenerateSettings, add_arguments, from_namespace
+from specsplit.faces.settings import GenerateSettings, add_arguments, from_namespace, parse_k
 from specsplit.sampling import SamplingParams
-
-
-def _parse_k(k: str) -> int | None:
-    if k == "auto":
-        return None
-    try:
-        value = int(k)
-    except ValueError:
-        raise ConfigError(f"--k must be a number 0..64 or auto, got {k!r}") from None
-    if not 0 <= value <= 64:
-        raise ConfigError(f"--k must be in 0..64, got {value}")
-    return value
 
 
 def _summary(stats) -> str:
@@ -45,7 +33,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     from specsplit.faces.api import DEFAULT_DRAFT, SpeculativeDecoder
 
     s: GenerateSettings = from_namespace(ns)
-    k = _parse_k(s.k)
+    k = parse_k(s.k)
     SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
@@ -207,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_serve_parser(sub)
     try:
-        from specsplit.faces.bench import add_bench_parser
+        from specsplit.bench.harness import add_bench_parser
 
         add_bench_parser(sub)
     except ImportError:

@@ -10,6 +10,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 from specsplit.backends.load import BACKENDS
+from specsplit.errors import ConfigError
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -84,3 +85,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type = GenerateSettings)
 
 def from_namespace(ns: argparse.Namespace, cls: type = GenerateSettings) -> Any:
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def parse_k(k: str) -> int | None:
+    """--k: a number 0..64, or auto (None)."""
+    if k == "auto":
+        return None
+    try:
+        value = int(k)
+    except ValueError:
+        raise ConfigError(f"--k must be a number 0..64 or auto, got {k!r}") from None
+    if not 0 <= value <= 64:
+        raise ConfigError(f"--k must be in 0..64, got {value}")
+    return value

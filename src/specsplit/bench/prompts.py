@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -79,3 +80,21 @@ def load_humaneval(limit: int | None = None) -> list[Prompt]:
         )
         for p in problems
     ]
+
+
+def csv_list(s: str | None) -> list[str]:
+    """ "a,b,,c" -> ["a", "b", "c"] (flags that take lists)."""
+    return [x.strip() for x in (s or "").split(",") if x.strip()]
+
+
+def load_prompts(ns: argparse.Namespace) -> list[Prompt]:
+    """The prompts of the suites a bench run names (--suite, --limit, --categories...)."""
+    out: list[Prompt] = []
+    for suite in csv_list(ns.suite):
+        if suite == "humaneval":
+            out += load_humaneval(ns.humaneval_limit or ns.limit)
+        elif suite == "spec-bench":
+            out += load_spec_bench(ns.questions, csv_list(ns.categories) or None, ns.limit)
+        else:
+            raise ConfigError(f"unknown suite {suite!r}; choose humaneval, spec-bench or both")
+    return out

@@ -1,8 +1,8 @@
 """Benchmarks of the split system: round-trip times, server throughput, server memory.
 
-    python -m specsplit.faces.split_bench rtt --limit 5 --rtt 0,20,80
-    python -m specsplit.faces.split_bench throughput --clients 8
-    python -m specsplit.faces.split_bench memory --sessions 100 --kv-budget 256MiB
+    python -m specsplit.bench.split rtt --limit 5 --rtt 0,20,80
+    python -m specsplit.bench.split throughput --clients 8
+    python -m specsplit.bench.split memory --sessions 100 --kv-budget 256MiB
 
 The server runs in its own process (``specsplit serve``); round-trip times are emulated by a
 delaying TCP proxy (``transport.netshim``), which also counts the bytes on the wire.
@@ -91,7 +91,7 @@ def chat_ids(tokenizer, text: str) -> list[int]:  # noqa: ANN001
 
 
 def prompts_of(ns: argparse.Namespace) -> list:
-    from specsplit.faces.prompts import load_humaneval, load_spec_bench
+    from specsplit.bench.prompts import load_humaneval, load_spec_bench
 
     if ns.suite == "humaneval":
         return load_humaneval(ns.limit)

@@ -22,10 +22,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specsplit.engine.speculative import SpeculativeEngine
-from specsplit.errors import ConfigError
-from specsplit.faces.bench_summary import refresh, spread
-from specsplit.faces.bench_systems import (
+from specsplit.bench.prompts import csv_list, load_prompts
+from specsplit.bench.summary import refresh, spread
+from specsplit.bench.systems import (
     CloudSystem,
     EdgeSystem,
     EngineSystem,
@@ -34,6 +33,9 @@ from specsplit.faces.bench_systems import (
     LlamaSpeculativeSystem,
     System,
 )
+from specsplit.engine.speculative import SpeculativeEngine
+from specsplit.errors import ConfigError
+from specsplit.faces.settings import parse_k
 
 SCHEMA = "specsplit.bench/2"
 
@@ -91,35 +93,16 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     r.set_defaults(func=cmd_report)
 
 
-def _csv(s: str | None) -> list[str]:
-    return [x.strip() for x in (s or "").split(",") if x.strip()]
-
-
-def load_prompts(ns: argparse.Namespace) -> list:
-    from specsplit.faces.prompts import load_humaneval, load_spec_bench
-
-    out = []
-    for suite in _csv(ns.suite):
-        if suite == "humaneval":
-            out += load_humaneval(ns.humaneval_limit or ns.limit)
-        elif suite == "spec-bench":
-            out += load_spec_bench(ns.questions, _csv(ns.categories) or None, ns.limit)
-        else:
-            raise ConfigError(f"unknown suite {suite!r}; choose humaneval, spec-bench or both")
-    return out
-
-
 def build_systems(ns: argparse.Namespace, setup: Setup) -> tuple[list[System], list[dict]]:
     """The systems of this run, and the ones skipped with the reason."""
-    from specsplit.faces.cli import _parse_k
     from specsplit.proposers.draft_model import DraftModelProposer
     from specsplit.proposers.ngram import NGramProposer
 
-    target, k = setup.target, _parse_k(ns.k)
+    target, k = setup.target, parse_k(ns.k)
     systems: list[System] = [EngineSystem("target", "target", SpeculativeEngine(target), None)]
     skipped: list[dict] = []
     d = setup.draft_name
-    for which in _csv(ns.drafters):
+    for which in csv_list(ns.drafters):
         if which in ("model", "both") and setup.draft is None:
             skipped.append({"name": f"spec[{which}]", "reason": "no draft model"})
             continue
@@ -134,7 +117,7 @@ def build_systems(ns: argparse.Namespace, setup: Setup) -> tuple[list[System], l
             continue
         engine = SpeculativeEngine(target, props, k=k)
         systems.append(EngineSystem(f"spec[{label}]", "specsplit-local", engine, label))
-    rtts, cloud = _csv(ns.rtt), _csv(ns.rtt if ns.cloud_rtt is None else ns.cloud_rtt)
+    rtts, cloud = csv_list(ns.rtt), csv_list(ns.rtt if ns.cloud_rtt is None else ns.cloud_rtt)
     if (rtts or cloud) and setup.server is None:
         skipped.append({"name": "edge-cloud/cloud-only", "reason": "no server"})
         rtts, cloud = [], []
@@ -182,7 +165,7 @@ def _hf_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> li
     out: list[System] = []
     model = getattr(setup.target, "model", None)
     eos = sorted(setup.target.tokenizer.eos_token_ids) or [0]
-    for h in _csv(ns.hf):
+    for h in csv_list(ns.hf):
         name = {"assisted": f"hf-assisted[{setup.draft_name}]", "prompt-lookup": "hf-prompt-lookup"}
         if h not in name:
             raise ConfigError(f"unknown HF system {h!r}; choose assisted, prompt-lookup")
@@ -202,7 +185,7 @@ def _hf_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> li
 def _llama_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> list[System]:
     out: list[System] = []
     threads = ns.threads or len(os.sched_getaffinity(0))
-    for which in _csv(ns.llama_cpp_python):
+    for which in csv_list(ns.llama_cpp_python):
         name = "llama-cpp-python" + ("-prompt-lookup" if which == "prompt-lookup" else "")
         if which not in ("plain", "prompt-lookup"):
             raise ConfigError(f"unknown llama-cpp-python system {which!r}; plain, prompt-lookup")
@@ -277,7 +260,7 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
     names = [s.name for s in systems]
     main = next((s.name for s in systems if s.kind == "specsplit-local"), names[-1])
     recorder = next((s for s in systems if s.name == f"spec[{setup.draft_name}]"), None)
-    n_record = max((int(c) for c in _csv(ns.clients)), default=0)
+    n_record = max((int(c) for c in csv_list(ns.clients)), default=0)
     recorded: list[dict] = []
     records: list[dict] = _resumed(ns)
     done = {(r["id"], r["repeat"]) for r in records}
@@ -344,7 +327,7 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
             throughput = {"error": f"{type(e).__name__}: {e}"}
     for s in systems:
         s.close()
-    from specsplit.faces.split_bench import rss_bytes
+    from specsplit.bench.split import rss_bytes
 
     doc = {
         "schema": SCHEMA,
@@ -372,11 +355,11 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
 
 def _throughput(ns: argparse.Namespace, setup: Setup, recorded: list[dict]) -> dict:
     """Replaying clients against the server, for each client count."""
-    from specsplit.faces.split_bench import replay_clients
+    from specsplit.bench.split import replay_clients
 
     address = f"{setup.server[0]}:{setup.server[1]}"
     rows = []
-    for c in (int(x) for x in _csv(ns.clients)):
+    for c in (int(x) for x in csv_list(ns.clients)):
         recs = [recorded[i % len(recorded)] for i in range(c)]
         row = replay_clients(
             address, setup.server_http_port, setup.target.tokenizer, recs, 16, ns.max_new_tokens
@@ -413,7 +396,7 @@ def _machine() -> dict:
 
 def write_outputs(doc: dict, out: Path) -> None:
     """results.json, results.csv, plots and report.md in out."""
-    from specsplit.faces.bench_report import write_report
+    from specsplit.bench.report import write_report
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(doc, indent=1))
@@ -423,10 +406,10 @@ def write_outputs(doc: dict, out: Path) -> None:
 @contextmanager
 def _server(ns: argparse.Namespace, out: Path) -> Iterator[tuple | None]:
     """`specsplit serve` in a subprocess when a split system or throughput needs it."""
-    if not (_csv(ns.rtt) or _csv(ns.cloud_rtt) or _csv(ns.clients)):
+    if not (csv_list(ns.rtt) or csv_list(ns.cloud_rtt) or csv_list(ns.clients)):
         yield None
         return
-    from specsplit.faces.split_bench import free_port, serve_args, start_server, stop_server
+    from specsplit.bench.split import free_port, serve_args, start_server, stop_server
 
     port, http = free_port(), free_port()
     extra = ["--max-batch", "8", "--max-sessions", "64", "--http-port", str(http)]
@@ -442,7 +425,7 @@ def _server(ns: argparse.Namespace, out: Path) -> Iterator[tuple | None]:
 def cmd_bench(ns: argparse.Namespace) -> int:
     from specsplit import registry
     from specsplit.backends.load import load_backend
-    from specsplit.faces.split_bench import rss_bytes
+    from specsplit.bench.split import rss_bytes
 
     out = Path(ns.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -464,7 +447,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         lambda: load_backend(ns.draft_backend, ns.draft, threads=ns.threads, n_ctx=4096),
     )
     assistant = None
-    if "assisted" in _csv(ns.hf) and ns.target_backend == "torch":
+    if "assisted" in csv_list(ns.hf) and ns.target_backend == "torch":
         from specsplit.backends.torch_backend import TorchBackend
 
         assistant = load(
@@ -492,8 +475,8 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         finally:
             for px in setup.proxies:
                 px.stop()
+    from specsplit.bench.ties import annotate
     from specsplit.faces.api import SpeculativeDecoder
-    from specsplit.faces.bench_ties import annotate
 
     encoder = SpeculativeDecoder(target, None, warm_up=False)
     refresh(annotate(doc, target, {p.id: encoder.encode_prompt(p.text) for p in prompts}))
@@ -511,7 +494,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
-    from specsplit.faces.bench_report import load_docs, readme_section, update_readme, write_report
+    from specsplit.bench.report import load_docs, readme_section, update_readme, write_report
 
     docs = [refresh(d) for d in load_docs([Path(p) for p in ns.runs])]
     out = Path(ns.out)

@@ -7,7 +7,7 @@ records the first differing position and the target's top-2 logit gap there (fro
 prefill of the prompt and the baseline's text up to it), so a report can tell a near tie
 from a real divergence.
 
-    python -m specsplit.faces.bench_ties RUN_DIR   # annotates RUN_DIR/results.json
+    python -m specsplit.bench.ties RUN_DIR   # annotates RUN_DIR/results.json
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def annotate(doc: dict, target, prompt_ids: dict[str, list[int]]) -> dict:  # no
 
 def main(argv: list[str] | None = None) -> int:
     from specsplit.backends.load import load_backend
+    from specsplit.bench.prompts import load_prompts
     from specsplit.faces.api import SpeculativeDecoder
-    from specsplit.faces.bench import load_prompts
 
     ap = argparse.ArgumentParser(prog="bench_ties", description=__doc__.split("\n")[0])
     ap.add_argument("run", help="a bench output folder")
