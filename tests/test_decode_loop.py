@@ -297,3 +297,21 @@ def test_several_drafters_near_the_end_of_the_context_finish_with_length(n_draft
     engine = SpeculativeEngine(_target(models, tok, n_ctx), drafters, k=6)
     res = engine.generate(GenerationRequest(PROMPT, 64))
     assert (res.token_ids, res.finish_reason) == (ref.token_ids, "length")
+
+
+# ---- every streamed token says how it came ----
+
+
+def test_chunks_say_how_each_token_came(models, tok):
+    req = GenerationRequest(PROMPT, 30)
+    plain = list(SpeculativeEngine(_target(models, tok)).stream(req))
+    assert {o for c in plain for o in c.origins} == {"target"}
+    engine = SpeculativeEngine(_target(models, tok), [_draft(models, tok)], k=3)
+    chunks = list(engine.stream(req))
+    ids = [t for c in chunks for t in c.token_ids]
+    origins = [o for c in chunks for o in c.origins]
+    assert ids == chunks[-1].result.token_ids and len(origins) == len(ids)
+    kinds = {f"accepted:{engine.proposers[0].name}", "correction", "bonus"}
+    assert kinds <= set(origins) <= kinds | {"target"}  # (the last round may have no room)
+    st = chunks[-1].result.stats
+    assert origins.count(f"accepted:{engine.proposers[0].name}") == st.accepted

@@ -66,11 +66,16 @@ class GenerationResult:
 
 @dataclass
 class Chunk:
-    """A streamed piece: new text and ids; the last chunk carries the result."""
+    """A streamed piece: new text and ids; the last chunk carries the result.
+
+    origins[i] says how token_ids[i] came: "accepted:<drafter>" (a draft token the target
+    accepted), "correction" (the target's token after a rejection), "bonus" (the target's
+    token after every draft token passed) or "target" (a round without drafts)."""
 
     text: str
     token_ids: list[int]
     result: GenerationResult | None = field(default=None)
+    origins: list[str] = field(default_factory=list)
 
 
 def default_policy(proposers: Sequence[Proposer], k: int | None, k_max: int) -> DraftLengthPolicy:
@@ -296,6 +301,7 @@ class DecodeLoop:
                     accepted = list(outcome.accepted)
                 else:
                     accepted = live[outcome.chain][int(cur.pipelined) :][: outcome.n_accepted]
+                origins = self._origins(cur, outcome, len(accepted))
                 new, finish = self._cut([*accepted, outcome.next_token], budget, eos)
                 stats.record_round(k_used, outcome.n_accepted, len(new) + (finish == "eos"))
                 out += new
@@ -310,13 +316,27 @@ class DecodeLoop:
                     stats.t_first_token = time.perf_counter() - t_arrival
                 piece = text.update(out, final=finish is not None)
                 if finish is None:
-                    yield Chunk(piece, new)
+                    yield Chunk(piece, new, origins=origins[: len(new)])
             stats.t_total = time.perf_counter() - t_arrival
             sent, received = self.verifier.traffic()
             stats.bytes_sent, stats.bytes_received = sent - sent0, received - received0
-            yield Chunk(piece, new, GenerationResult(out, text.emitted, finish, stats))
+            result = GenerationResult(out, text.emitted, finish, stats)
+            yield Chunk(piece, new, result, origins[: len(new)])
         finally:
             self.verifier.close()
+
+    def _origins(self, cur: _InFlight, outcome: Outcome, n_accepted: int) -> list[str]:
+        """How each token of a round came (see ``Chunk``): the accepted ones, then the last."""
+        sent = [(p.name, d) for p, d in zip(self.proposers, cur.drafts, strict=False) if d.tokens]
+        if not sent:
+            return ["target"]
+        if outcome.chain >= len(sent):  # another client's draft (a joined session)
+            return [*["accepted:joined"] * n_accepted, "target"]
+        name, draft = sent[outcome.chain]
+        followed = len(draft.tokens) - int(cur.pipelined)
+        return [f"accepted:{name}"] * n_accepted + [
+            "bonus" if n_accepted >= followed else "correction"
+        ]
 
     def _dropped(
         self, cur: _InFlight, ahead: _InFlight | None, stats: GenerationStats
