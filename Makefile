@@ -3,7 +3,7 @@ PY ?= python3
 PIP = $(PY) -m pip
 PROMPT ?= Write a Python function that checks whether a number is prime, with a docstring and two examples.
 
-.PHONY: setup demo demo-local test test-slow lint bench
+.PHONY: setup demo demo-local test test-slow lint bench llama-tools
 
 # llama.cpp built for any x86-64 with AVX2 (a -march=native build with AMX kernels crashes
 # where the kernel does not grant AMX state); rebuilt only if the installed one is not this
@@ -29,6 +29,9 @@ test: setup  ## unit, exactness and integration tests (SmolLM2-135M); slow ones 
 bench: setup  ## the committed benchmark report and README section (about 100 min here)
 	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
 	PY=$(PY) bash scripts/bench_report.sh
+
+llama-tools:  ## llama.cpp's llama-speculative and llama-bench, built from the pinned sdist (~15 min, cached)
+	PY=$(PY) bash scripts/build_llama_tools.sh
 
 test-slow: setup  ## the slow tests on the Qwen models
 	$(PY) -m pytest -q -m slow
