@@ -221,10 +221,12 @@ def test_cloud_only_generate_equals_target(server, models, tok):
             f"127.0.0.1:{server.port}", tok.fingerprint(), prompt_ids=PROMPT, max_new_tokens=32
         )
     )
-    assert [t for c in chunks for t in c.token_ids] == ref.token_ids
-    assert chunks[-1].finish_reason == "length"
-    stats = json.loads(chunks[-1].stats_json)
-    assert stats["draft_lengths"] == [0] * 32  # the server alone: no speculation
+    res = chunks[-1].result
+    assert [t for c in chunks for t in c.token_ids] == res.token_ids == ref.token_ids
+    assert "".join(c.text for c in chunks) == res.text == ref.text
+    assert res.finish_reason == "length"
+    assert res.stats.draft_lengths == [0] * 32  # the server alone: no speculation
+    assert res.stats.bytes_sent > 0 and res.stats.bytes_received > 0
     drafted = list(
         generate_cloud(
             f"127.0.0.1:{server.port}",
