@@ -67,7 +67,7 @@ class _CloudRun:
         self.ids: list[int] = []  # output received so far
         self.text = ""
         self.prompt_ids: list[int] = []  # as the server rendered the prompt (once told)
-        self.identity = ""  # the first server's target: a resume must find the same one
+        self.identity = ""  # the target that generated output: a resume must find the same
         self.sent = self.received = 0  # bytes of messages, gRPC framing included
         self.reconnects = 0
 
@@ -114,7 +114,6 @@ class _CloudRun:
         """One Generate call on the server in use, from the output received so far."""
         link = Link(self.failover.address, fingerprint, auth_token, tls_ca, self.identity, 10.0)
         try:
-            self.identity = self.identity or link.welcome.target_identity
             self.sent += link.bytes_out
             self.received += link.bytes_in
             req = pb.GenerateRequest()
@@ -126,6 +125,7 @@ class _CloudRun:
             self.sent += req.ByteSize() + wire.GRPC_FRAME
             for msg in link.stub.Generate(req, metadata=link.metadata, timeout=timeout):
                 self.received += msg.ByteSize() + wire.GRPC_FRAME
+                self.identity = self.identity or link.welcome.target_identity  # output came
                 yield msg
         except grpc.RpcError as e:
             raise error_of(e) from None
