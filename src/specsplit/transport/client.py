@@ -90,7 +90,7 @@ class RemoteVerifier(Verifier):
                     self.identity or self.expect_identity,
                     min(self.timeout, 5.0),
                 )
-            except SessionGone as e:
+            except (SessionGone, ServerFull) as e:  # (a server run with gRPC's own limit)
                 self.failover.failed(str(e))
                 continue
             w = link.welcome
