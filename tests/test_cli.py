@@ -239,3 +239,52 @@ def test_serve_and_generate_with_server(tmp_path):
         "--draft", "ngram",
     )  # fmt: skip
     assert_one_line_error(gone, "no verification server answered")
+
+
+@pytest.mark.integration
+def test_cloud_only_json_line_and_servers_in_turn():
+    """`generate --draft none` with two --server: the first is full, so the second serves;
+    the JSON line has the text, ids, finish_reason, statistics, reconnects and real byte
+    counts; the seeded sampled text replays; with both servers gone, the one-line error
+    names each of them."""
+    from specsplit.backends.load import load_backend
+    from specsplit.sampling import SamplingParams
+    from specsplit.transport.client import RemoteVerifier, generate_cloud
+    from specsplit.transport.server import ServerConfig, SpecsplitServer
+
+    target = load_backend("torch", "smollm2-135m", n_ctx=512)  # one model, two servers
+    full = SpecsplitServer(target, "smollm2", ServerConfig(port=0, max_sessions=1, calibrate=False))
+    idle = SpecsplitServer(target, "smollm2", ServerConfig(port=0, calibrate=False))
+    full.start()
+    idle.start()
+    servers = [f"127.0.0.1:{full.port}", f"127.0.0.1:{idle.port}"]
+    prompt, params = "Name three colours.", SamplingParams(temperature=0.8)
+    try:
+        held = RemoteVerifier(servers[:1], target.tokenizer)
+        held.open([1, 2, 3], params, 1)  # the first server is full now
+        r = run(
+            "generate", prompt, "--target", "smollm2-135m", "--draft", "none",
+            "--server", servers[0], "--server", servers[1], "--max-new-tokens", "12",
+            "--temperature", "0.8", "--seed", "7", "--json",
+        )  # fmt: skip
+        held.shutdown()
+        assert r.returncode == 0, r.stderr
+        rec = json.loads(r.stdout.strip().splitlines()[-1])
+        for key in ("text", "token_ids", "finish_reason", "new_tokens", "tokens_per_s"):
+            assert key in rec
+        assert rec["text"] and rec["text"] in r.stderr  # streamed to the terminal too
+        assert rec["finish_reason"] in ("length", "eos") and rec["seed"] == 7
+        assert rec["reconnects"] == 1 and rec["bytes_sent"] > 0 and rec["bytes_received"] > 0
+        again = list(
+            generate_cloud(servers[1], target.tokenizer.fingerprint(), prompt=prompt,
+                           max_new_tokens=12, params=params, seed=7)
+        )[-1].result  # fmt: skip
+        assert (again.token_ids, again.text) == (rec["token_ids"], rec["text"])
+    finally:
+        full.stop(grace=0)
+        idle.stop(grace=0)
+    gone = run(
+        "generate", "Hi.", "--target", "smollm2-135m", "--draft", "none",
+        "--server", servers[0], "--server", servers[1],
+    )  # fmt: skip
+    assert_one_line_error(gone, "no verification server answered", *servers)

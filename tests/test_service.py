@@ -3,6 +3,7 @@ many sessions batched, drafters joining a session, cloud-only generation, the HT
 
 from __future__ import annotations
 
+import copy
 import json
 import threading
 import time
@@ -10,16 +11,19 @@ import urllib.request
 from collections import Counter
 
 import grpc
+import numpy as np
 import pytest
+from scipy.stats import chisquare
 
 from conftest import TinyTokenizer, perturbed, tiny_llama
 from specsplit.backends.byte_tokenizer import ByteTokenizer
 from specsplit.backends.torch_backend import TorchBackend
 from specsplit.engine.draft_length import AdaptiveK, FixedK
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
+from specsplit.engine.verifier import LocalVerifier
 from specsplit.proposers.draft_model import DraftModelProposer
 from specsplit.proposers.ngram import NGramProposer
-from specsplit.sampling import SamplingParams
+from specsplit.sampling import SamplingParams, logits_to_probs
 from specsplit.transport.client import RemoteVerifier, generate_cloud, join_and_draft
 from specsplit.transport.pb import specsplit_pb2 as pb
 from specsplit.transport.server import ServerConfig, SpecsplitServer
@@ -31,6 +35,7 @@ from test_engine_exact import (
     _assert_matches,
     _exact_joint,
 )
+from test_service_faults import in_thread, stream_and_stop, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +137,157 @@ def test_sampled_tokens_through_service_follow_target_distribution():
     _assert_matches(counts, _exact_joint(TorchBackend(target_model, tok), params))
 
 
+class CountingVerifier(RemoteVerifier):
+    """A RemoteVerifier that counts the rounds drafted ahead it sent and those verified."""
+
+    ahead = verified_ahead = 0
+
+    def submit(self, drafts, version, pipelined=False):  # noqa: ANN001, ANN201
+        fut = super().submit(drafts, version, pipelined)
+        if pipelined:
+            self.ahead += 1
+            fut.add_done_callback(self._count)
+        return fut
+
+    def _count(self, fut) -> None:  # noqa: ANN001
+        if fut.exception() is None and not fut.result().dropped:
+            self.verified_ahead += 1
+
+
+def _exact_joint3(target, params) -> dict[tuple[int, int, int], float]:
+    """P(first three new tokens) under the target, by enumeration (vocabulary V)."""
+    seq = target.new_sequence()
+    n = len(SAMPLED_PROMPT)
+    p0 = logits_to_probs(target.forward(seq, SAMPLED_PROMPT)[-1], params)
+    out = {}
+    for a in range(V):
+        target.truncate(seq, n)
+        p1 = logits_to_probs(target.forward(seq, [a])[-1], params)
+        for b in range(V):
+            target.truncate(seq, n + 1)
+            p2 = logits_to_probs(target.forward(seq, [b])[-1], params)
+            for c in range(V):
+                out[(a, b, c)] = p0[a] * p1[b] * p2[c]
+    target.free_sequence(seq)
+    return out
+
+
+def _marginal(joint: dict, keep: slice) -> dict:
+    out: Counter = Counter()
+    for k, pr in joint.items():
+        out[k[keep]] += pr
+    return dict(out)
+
+
+AHEAD_N = 1500
+
+
+def test_sampled_tokens_with_drafting_ahead_follow_target_distribution():
+    """Rounds drafted ahead (pipelined) are really verified, and the text keeps the target's
+    distribution: K = 1 and 4 new tokens, so the round drafted ahead of the first decides
+    the third token whenever the first round passes whole and its bonus was guessed. Checked
+    on (t1, t2), on (t2, t3), and on t3 given (t1, t2) where that round was verified."""
+    params = SamplingParams(temperature=0.7, top_p=0.9)
+    target_model = tiny_llama(vocab=V, seed=3)
+    tok = TinyTokenizer(V)
+    srv = SpecsplitServer(
+        TorchBackend(target_model, tok),
+        "tiny8",
+        ServerConfig(port=0, rate=None, batch_window=0, calibrate=False),
+    )
+    srv.start()
+    try:
+        draft = DraftModelProposer(
+            TorchBackend(perturbed(target_model, 0.15, seed=4), tok), quantize=True
+        )
+        verifier = CountingVerifier([f"127.0.0.1:{srv.port}"], tok)
+        runs: list[tuple[tuple[int, ...], bool]] = []  # first 3 tokens, ahead round verified
+        for seed in range(AHEAD_N):
+            loop = DecodeLoop(verifier, [draft], FixedK(1), pipeline=True)  # no pause carried over
+            before = verifier.verified_ahead
+            res = loop.generate(GenerationRequest(SAMPLED_PROMPT, 4, params, seed=seed))
+            runs.append((tuple(res.token_ids[:3]), verifier.verified_ahead > before))
+        verifier.shutdown()
+    finally:
+        srv.stop(grace=0)
+    ahead = [t for t, verified in runs if verified]
+    assert len(ahead) > AHEAD_N * 0.15, (verifier.ahead, len(ahead))
+    joint = _exact_joint3(TorchBackend(target_model, tok), params)
+    for keep in (slice(0, 2), slice(1, 3)):  # (t1, t2) and (t2, t3)
+        _assert_matches(Counter(t[keep] for t, _ in runs), _marginal(joint, keep))
+    # t3 where the round drafted ahead decided it: expected sum of p(t3 | t1, t2)
+    prefix = _marginal(joint, slice(0, 2))
+    expected = np.zeros(V)
+    for a, b, _ in ahead:
+        expected += [joint[(a, b, c)] / prefix[(a, b)] for c in range(V)]
+    observed = np.bincount([c for *_, c in ahead], minlength=V).astype(float)
+    assert observed[expected == 0].sum() == 0, "a token the target cannot emit"
+    observed, expected = observed[expected > 0], expected[expected > 0]
+    small = expected < 5  # pooled, so the chi-square approximation holds
+    if small.any():
+        observed = np.append(observed[~small], observed[small].sum())
+        expected = np.append(expected[~small], expected[small].sum())
+    assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_fixed_k_seed_replays_across_the_network(models, tok):
+    """Fixed K + seed: the same sampled text in one process, through a server without
+    drafting ahead, with drafting ahead forced on, and across a failover to a second server."""
+    params = SamplingParams(temperature=0.5)
+    req = GenerationRequest(PROMPT, 64, params, seed=11)  # 3 rounds drafted ahead pass
+
+    def drafter() -> DraftModelProposer:
+        return DraftModelProposer(TorchBackend(models[1], tok), quantize=True)
+
+    local = DecodeLoop(LocalVerifier(TorchBackend(models[0], tok)), [drafter()], FixedK(3))
+    want = local.generate(req)
+    servers = [
+        SpecsplitServer(
+            TorchBackend(copy.deepcopy(models[0]), tok),
+            "tiny",
+            ServerConfig(port=0, rate=None, calibrate=False),
+        )
+        for _ in range(2)
+    ]
+    for srv in servers:
+        srv.start()
+    a, b = (f"127.0.0.1:{srv.port}" for srv in servers)
+    try:
+        texts = {}
+        for name, pipeline in (("no ahead", False), ("ahead", True)):
+            v = CountingVerifier([a], tok)
+            res = DecodeLoop(v, [drafter()], FixedK(3), pipeline=pipeline).generate(req)
+            v.shutdown()
+            texts[name] = (res.token_ids, res.text)
+            assert (v.ahead > 0, v.verified_ahead > 0) == (pipeline, pipeline)
+            assert res.stats.rejected_rounds > 0
+        v = RemoteVerifier([a, b], tok, timeout=10, retry_for=10)
+        loop = DecodeLoop(v, [drafter()], FixedK(3))
+        chunks, err = in_thread(lambda: stream_and_stop(loop, req, lambda: servers[0].stop(0)))
+        v.shutdown()
+        assert err is None, repr(err)
+        res = chunks[-1].result
+        assert res.stats.reconnects >= 1
+        assert "".join(c.text for c in chunks) == res.text
+        texts["failover"] = (res.token_ids, res.text)
+    finally:
+        for srv in servers:
+            srv.stop(grace=0)
+    assert all(t == (want.token_ids, want.text) for t in texts.values()), texts
+
+
+def test_fixed_k_above_the_servers_max_draft(server, models, tok):
+    """K = 24 against a server with max_draft 16: the client keeps every round within the
+    limit the handshake gave (drafting ahead too) instead of being refused."""
+    same = DraftModelProposer(TorchBackend(models[0], tok))  # every draft passes: full rounds
+    loop, verifier = _edge(server, tok, [same], FixedK(24))
+    res = loop.generate(GenerationRequest(PROMPT, 64))
+    verifier.shutdown()
+    assert verifier.max_draft == server.scheduler.max_draft == 16
+    assert res.token_ids == _reference(models, tok).token_ids
+    assert max(res.stats.draft_lengths) == 16
+
+
 def test_concurrent_sessions_get_their_own_text_and_are_batched(server, models, tok):
     prompts = [PROMPT[: 6 + 2 * i] for i in range(4)]
     refs = [_reference(models, tok, p, 40).token_ids for p in prompts]
@@ -192,6 +348,39 @@ def test_a_second_drafter_joins_the_session(server, models, tok):
     assert rounds and rounds[0] > 0  # the joined drafter's drafts were verified with the owner's
 
 
+def test_owner_drafting_ahead_with_a_joined_drafter_finishes(server, models, tok):
+    """With a drafter joined, the owner's rounds drafted ahead are answered "dropped"; the
+    owner still makes progress and ends with the target's greedy text in bounded time."""
+    ref = _reference(models, tok, n=48)
+    same = DraftModelProposer(TorchBackend(models[0], tok))  # passes whole: always drafts ahead
+    loop, owner = _edge(server, tok, [same], FixedK(3))
+    stream = loop.stream(GenerationRequest(PROMPT, 48))
+    first = next(stream)
+    rounds: list[int] = []
+    joiner = threading.Thread(
+        target=lambda: rounds.append(
+            join_and_draft(
+                f"127.0.0.1:{server.port}",
+                owner.session_id,
+                owner.join_token,
+                DraftModelProposer(TorchBackend(models[1], tok)),
+                tok,
+                k=2,
+            )
+        ),
+        daemon=True,
+    )
+    joiner.start()
+    hub = server.service.hubs[owner.session_id]
+    wait_for(lambda: len(hub.members) == 2, what="the drafter to join")
+    rest = in_thread(lambda: list(stream), timeout=60)
+    owner.shutdown()
+    joiner.join(timeout=30)
+    assert first.token_ids + [t for c in rest for t in c.token_ids] == ref.token_ids
+    assert rest[-1].result.stats.dropped > 0  # rounds drafted ahead were sent and dropped
+    assert rounds and rounds[0] > 0
+
+
 def test_joining_needs_the_join_token(server, models, tok):
     _, owner = _edge(server, tok, [], FixedK(0))
     owner.open(PROMPT, SamplingParams(), 1)
@@ -221,10 +410,12 @@ def test_cloud_only_generate_equals_target(server, models, tok):
             f"127.0.0.1:{server.port}", tok.fingerprint(), prompt_ids=PROMPT, max_new_tokens=32
         )
     )
-    assert [t for c in chunks for t in c.token_ids] == ref.token_ids
-    assert chunks[-1].finish_reason == "length"
-    stats = json.loads(chunks[-1].stats_json)
-    assert stats["draft_lengths"] == [0] * 32  # the server alone: no speculation
+    res = chunks[-1].result
+    assert [t for c in chunks for t in c.token_ids] == res.token_ids == ref.token_ids
+    assert "".join(c.text for c in chunks) == res.text == ref.text
+    assert res.finish_reason == "length"
+    assert res.stats.draft_lengths == [0] * 32  # the server alone: no speculation
+    assert res.stats.bytes_sent > 0 and res.stats.bytes_received > 0
     drafted = list(
         generate_cloud(
             f"127.0.0.1:{server.port}",

@@ -34,7 +34,7 @@ from specsplit.engine.speculative import (
 )
 from specsplit.errors import ConfigError, Interrupted, SessionGone
 from specsplit.proposers.draft_model import DraftModelProposer
-from specsplit.sampling import GREEDY
+from specsplit.sampling import GREEDY, SamplingParams
 from specsplit.transport import wire
 from specsplit.transport.client import RemoteVerifier
 from specsplit.transport.pb import specsplit_pb2 as pb
@@ -344,12 +344,13 @@ def test_auth_token_is_required(servers, tok, good):
 
 def test_handshake_refusals(main, tok, good):
     with Raw(main) as raw:
-        for version in (0, 2, 2**32 - 1):
+        for version in (0, 1, 3, 2**32 - 1):
             why = assert_refused(
                 raw.handshake(hello(protocol_version=version)),
                 grpc.StatusCode.FAILED_PRECONDITION,
             )
-            assert "protocol version" in why
+            assert f"protocol version {version};" in why
+            assert f"speaks {wire.PROTOCOL_VERSION}" in why
         for other in (ByteTokenizer(301), TinyTokenizer(VOCAB)):
             fp = other.fingerprint()
             why = assert_refused(
@@ -583,6 +584,127 @@ def test_rate_limit(servers, good):
     wait_for(lambda: not srv.scheduler.sessions, what="the limited session to end")
     time.sleep(2.2)  # the bucket refills 5 rounds a second; the good session needs 8
     good(srv, n=8, drafter=False)
+
+
+# ---- 4b. exact values, Generate's fields, rounds of several drafters ----
+
+
+def test_sampling_values_reach_the_server_exactly(main, tok):
+    """The server's p uses exactly the request's settings (0.7 must not arrive as float32's
+    0.699999988), for a session and for Generate."""
+    params = SamplingParams(temperature=0.7, top_k=7, top_p=0.9, min_p=0.05)
+    v = RemoteVerifier([address(main)], tok, timeout=5)
+    try:
+        v.open(PROMPT, params, 3)
+        (served,) = main.scheduler.sessions.values()
+        assert served.state.params == params
+    finally:
+        v.shutdown()
+    sent = pb.GenerateRequest(prompt_ids=PROMPT, sampling=wire.sampling_to_pb(params))
+    got = pb.GenerateRequest.FromString(sent.SerializeToString())  # as it crosses the wire
+    assert main.service.generation_request(got).params == params
+    wait_for(lambda: not main.scheduler.sessions, what="the session to end")
+
+
+def test_generate_seed_zero_replays_and_zero_tokens_is_refused(main, model, tok, reference):
+    """One rule with the HTTP face: max_new_tokens 0 is refused (unset: 128), seed 0 is the
+    seed 0 (unset: a random one), so a seeded request replays the local engine's text."""
+    params = SamplingParams(temperature=1.0)
+    local = SpeculativeEngine(TorchBackend(model, tok))
+    want = local.generate(GenerationRequest(PROMPT, 16, params, seed=0)).token_ids
+    assert want != local.generate(GenerationRequest(PROMPT, 16, params, seed=1)).token_ids
+    with Raw(main) as raw:
+        why = assert_refused(
+            raw.generate(pb.GenerateRequest(prompt_ids=PROMPT, max_new_tokens=0)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        )
+        assert "max_new_tokens" in why
+        out, code, _ = raw.generate(pb.GenerateRequest(prompt_ids=PROMPT))
+        assert code == grpc.StatusCode.OK
+        assert [t for c in out for t in c.token_ids] == reference(wire.DEFAULT_MAX_NEW).token_ids
+        sampling = wire.sampling_to_pb(params)
+        for _ in range(2):
+            req = pb.GenerateRequest(
+                prompt_ids=PROMPT, sampling=sampling, seed=0, max_new_tokens=16
+            )
+            out, code, _ = raw.generate(req)
+            assert code == grpc.StatusCode.OK
+            assert [t for c in out for t in c.token_ids] == want
+            assert wire.stats_from_json(out[-1].stats_json).seed == 0
+
+
+def join_msg(opened: pb.Opened) -> pb.ClientMsg:
+    return pb.ClientMsg(
+        open=pb.Open(
+            join_session_id=opened.session_id,
+            join_token=opened.join_token,
+            tokenizer_fingerprint=fingerprint(),
+        )
+    )
+
+
+def test_merged_round_keeps_within_max_draft(main, reference, good):
+    """The owner's 3 draft tokens and a joined drafter's 4 make 7 > max_draft 4: the joiner's
+    chain is cut to fit (not the owner's generation failed); both hear the accepted ids."""
+    want = reference(3).token_ids
+    wrong = [(t + 1) % VOCAB for t in want]
+    with Raw(main) as raw, raw.stream(open_msg()) as owner:
+        opened = owner.recv().opened
+        with raw.stream(join_msg(opened)) as joiner:
+            assert joiner.recv().WhichOneof("msg") == "opened"
+            joiner.send(draft_msg(want[:2] + wrong[2:3] * 2, 0))  # the target's text first
+            owner.send(draft_msg(wrong[:3], 0))  # wrong from its first token
+            for verdict in (owner.recv().verdict, joiner.recv().verdict):
+                assert verdict.version == 1
+                # the joiner's chain was cut to 4 - 3 = 1 token, which the target accepts
+                assert (verdict.n_accepted, list(verdict.accepted_ids)) == (1, want[:1])
+                assert verdict.next_token == want[1]
+    wait_for(lambda: not main.scheduler.sessions, what="the session to end")
+    good(main)
+
+
+class Gate:
+    """Holds a server's target passes while closed (to widen a race window)."""
+
+    def __init__(self, srv: SpecsplitServer) -> None:
+        self.open, self.entered = threading.Event(), threading.Event()
+        self.open.set()
+        target = srv.scheduler.target
+        inner = target.forward_batch
+
+        def forward_batch(*args: Any, **kw: Any) -> Any:
+            self.entered.set()
+            self.open.wait(timeout=CALL_TIMEOUT)
+            return inner(*args, **kw)
+
+        target.forward_batch = forward_batch
+
+
+def test_merged_round_carries_its_ids_when_the_joiner_leaves(servers, reference, good):
+    """Whether a verdict carries the accepted ids is decided when its round is formed: a
+    joiner leaving while the merged round is verified must not leave the owner to derive
+    them from its own chain (it followed the joiner's)."""
+    srv = servers()
+    gate = Gate(srv)
+    want = reference(3).token_ids
+    with Raw(srv) as raw, raw.stream(open_msg()) as owner:
+        opened = owner.recv().opened
+        hub = srv.service.hubs[opened.session_id]
+        joiner = raw.stream(join_msg(opened))
+        assert joiner.recv().WhichOneof("msg") == "opened"
+        gate.open.clear()
+        gate.entered.clear()
+        joiner.send(draft_msg(want[:2], 0))
+        owner.send(draft_msg([], 0))  # the owner drafts nothing this round
+        assert gate.entered.wait(CALL_TIMEOUT), "the merged round never reached the target"
+        joiner.__exit__()  # the joiner leaves while its round is being verified
+        wait_for(lambda: len(hub.members) == 1, what="the joiner to leave")
+        gate.open.set()
+        verdict = owner.recv().verdict
+        assert (verdict.n_accepted, verdict.next_token) == (2, want[2])
+        assert list(verdict.accepted_ids) == want[:2]
+    wait_for(lambda: not srv.scheduler.sessions, what="the session to end")
+    good(srv)
 
 
 # ---- 5. clients that vanish ----

@@ -21,6 +21,10 @@ class Overloaded(SpecsplitError):
     """A limit was reached: sessions, KV memory, rate; retry later or elsewhere."""
 
 
+class ServerFull(Overloaded):
+    """A server holds as many sessions or streams as it may; another server may take the work."""
+
+
 class SessionGone(SpecsplitError):
     """The session ended (closed, idle too long, evicted, or its verifier went away)."""
 

@@ -155,10 +155,10 @@ class CloudSystem(System):
             prompt_ids=ids,
             max_new_tokens=max_new,
         ):
-            if (c.token_ids or c.finish_reason) and t_first is None:
+            if (c.token_ids or c.result) and t_first is None:
                 t_first = time.perf_counter() - t0
             new += list(c.token_ids)
-            eos = eos or c.finish_reason == "eos"
+            eos = eos or (c.result is not None and c.result.finish_reason == "eos")
         out = _timed(new, eos, t_first, time.perf_counter() - t0)
         out["bytes_per_token"] = (self.proxy.bytes_up + self.proxy.bytes_down) / max(
             1, out["new_tokens"]

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from specsplit.backends.base import Backend
 from specsplit.engine.rounds import Round
 from specsplit.engine.verifier import Outcome, Verifier, VerifySession
-from specsplit.errors import ConfigError, Overloaded, SessionGone, SpecsplitError
+from specsplit.errors import ConfigError, Overloaded, ServerFull, SessionGone, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.sampling import SamplingParams
 
@@ -138,7 +138,7 @@ class BatchScheduler:
             raise Overloaded("the prompt's KV cache alone is larger than the server's KV budget")
         with self._cv:
             if len(self.sessions) >= self.max_sessions:
-                raise Overloaded(f"the server holds its maximum of {self.max_sessions} sessions")
+                raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
             s = Served(secrets.token_hex(8), state, Future())
             self.sessions[s.id] = s
             self._cv.notify_all()

@@ -135,16 +135,15 @@ def _generate_remote(ns: argparse.Namespace, s: GenerateSettings, k: int | None)
 
 
 def _generate_cloud(ns: argparse.Namespace, s: GenerateSettings, token: str | None) -> int:
-    """The server generates alone and streams; the client needs no model."""
+    """The server generates alone and streams; the client needs no model. If a server fails
+    mid-stream, the next --server goes on from the ids already received."""
     from specsplit.faces.api import load_tokenizer
     from specsplit.transport.client import generate_cloud
 
     tok = load_tokenizer(s.target)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
-    text_out = sys.stderr if s.json else sys.stdout
-    last = None
-    for chunk in generate_cloud(
-        s.server[0],
+    chunks = generate_cloud(
+        s.server,
         tok.fingerprint(),
         prompt=ns.prompt,
         max_new_tokens=s.max_new_tokens,
@@ -154,16 +153,8 @@ def _generate_cloud(ns: argparse.Namespace, s: GenerateSettings, token: str | No
         server_draft=s.server_draft,
         auth_token=token,
         tls_ca_file=s.tls_ca,
-    ):
-        text_out.write(chunk.text)
-        text_out.flush()
-        last = chunk
-    text_out.write("\n")
-    stats = json.loads(last.stats_json) if last is not None and last.stats_json else {}
-    if s.json:
-        sys.stdout.write(json.dumps({"finish_reason": last.finish_reason, **stats}) + "\n")
-    else:
-        print(json.dumps(stats), file=sys.stderr)
+    )
+    _print_stream(chunks, s.json)
     return 0
 
 

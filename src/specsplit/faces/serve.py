@@ -47,6 +47,12 @@ class ServeSettings:
     tls_cert: str | None = _f(None, "PEM certificate chain (with --tls-key: gRPC over TLS)")
     tls_key: str | None = _f(None, "PEM private key")
     max_sessions: int = _f(64, "most open sessions", type=int)
+    max_streams: int | None = _f(
+        None,
+        "most session streams (joined drafters too) and cloud-only calls at once; beyond it "
+        "clients hear 'server full' (default: 2 x --max-sessions)",
+        type=int,
+    )
     max_batch: int = _f(8, "most sessions verified in one target pass (1: no batching)", type=int)
     max_draft: int = _f(16, "most draft tokens per round", type=int)
     kv_budget: str | None = _f(None, "KV cache budget for all sessions, e.g. 2GiB (none if unset)")
@@ -88,6 +94,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         tls_cert=Path(s.tls_cert).read_bytes() if s.tls_cert else None,
         tls_key=Path(s.tls_key).read_bytes() if s.tls_key else None,
         max_sessions=s.max_sessions,
+        max_streams=s.max_streams,
         max_batch=s.max_batch,
         max_draft=s.max_draft,
         kv_budget=parse_size(s.kv_budget) if s.kv_budget else None,

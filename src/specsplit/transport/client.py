@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
@@ -22,92 +21,24 @@ import grpc
 
 from specsplit.backends.base import Tokenizer
 from specsplit.engine.verifier import Outcome, Verifier
-from specsplit.errors import (
-    ConfigError,
-    Overloaded,
-    SessionGone,
-    SpecsplitError,
-    VerifierUnavailable,
-)
+from specsplit.errors import ServerFull, SessionGone, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.randomness import drafter_uniform
 from specsplit.sampling import SamplingParams
 from specsplit.transport import wire
+from specsplit.transport.cloud import generate_cloud
+from specsplit.transport.link import MAX_MESSAGE, Failover, Link, error_of
 from specsplit.transport.pb import specsplit_pb2 as pb
-from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
+
+__all__ = ["MAX_MESSAGE", "RemoteVerifier", "generate_cloud", "join_and_draft"]
 
 log = logging.getLogger("specsplit.client")
 
-MAX_MESSAGE = 4 << 20  # bytes; the server refuses larger ones too
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE),
-    ("grpc.max_receive_message_length", MAX_MESSAGE),
-    ("grpc.keepalive_time_ms", 20_000),
-]
-# statuses after which another attempt (same or next server) may succeed
-RETRYABLE = {
-    grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.ABORTED,
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.UNKNOWN,
-    grpc.StatusCode.INTERNAL,
-}
-
-
-def _error(e: grpc.RpcError) -> SpecsplitError:
-    """A gRPC failure as an engine error: retryable ones end the session, others are final."""
-    code, details = e.code(), e.details() or ""
-    if code in RETRYABLE:
-        return SessionGone(f"{code.name}: {details}")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded(f"server: {details}")
-    return ConfigError(f"server refused ({code.name}): {details}")
-
-
-class _Link:
-    """One channel to one server, after a successful handshake."""
-
-    def __init__(
-        self,
-        address: str,
-        tokenizer: Tokenizer,
-        auth_token: str | None,
-        tls_ca: bytes | None,
-        expect_identity: str | None,
-        timeout: float,
-    ) -> None:
-        self.address = address
-        if tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            self.channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.VerifierStub(self.channel)
-        self.metadata = [("authorization", f"Bearer {auth_token}")] if auth_token else []
-        hello = pb.Hello(
-            protocol_version=wire.PROTOCOL_VERSION,
-            tokenizer_fingerprint=tokenizer.fingerprint(),
-            target_identity=expect_identity or "",
-        )
-        self.bytes_out = hello.ByteSize() + wire.GRPC_FRAME
-        try:
-            t0 = time.perf_counter()
-            self.welcome: pb.Welcome = self.stub.Handshake(
-                hello, metadata=self.metadata, timeout=timeout
-            )
-            self.rtt = time.perf_counter() - t0
-        except grpc.RpcError as e:
-            self.channel.close()
-            raise _error(e) from None
-        self.bytes_in = self.welcome.ByteSize() + wire.GRPC_FRAME
-
-    def close(self) -> None:
-        self.channel.close()
-
 
 class RemoteVerifier(Verifier):
-    """Verification on a specsplit server (the first of ``servers`` that answers)."""
+    """Verification on a specsplit server: the first of ``servers`` that answers, then the
+    next ones in turn when it fails or is full. Each server's handshake sets the limits the
+    loop keeps to (``max_draft`` per round, ``n_ctx``)."""
 
     pipelines = True
     remote = True
@@ -123,19 +54,16 @@ class RemoteVerifier(Verifier):
         timeout: float = 30.0,
         retry_for: float = 15.0,
     ) -> None:
-        if not servers:
-            raise ConfigError("give at least one server as HOST:PORT")
-        self.servers = list(servers)
+        self.failover = Failover(servers, retry_for)
+        self.servers = self.failover.servers
         self.tokenizer = tokenizer
         self.auth_token = auth_token
         self.tls_ca = Path(tls_ca_file).read_bytes() if tls_ca_file else None
         self.timeout, self.retry_for = timeout, retry_for
         self.expect_identity = expect_identity
+        self.identity: str | None = None
         self.link = self._connect()
-        w = self.link.welcome
-        self.identity = w.target_identity  # a resumed session must find the same target
-        self.vocab_size, self.n_ctx, self.max_draft = w.vocab_size, w.n_ctx, w.max_draft
-        self.cost_shape = {c.n: c.micros / wire.MICROS for c in w.verify_cost}
+        self.identity = self.link.welcome.target_identity  # resumed sessions: the same target
         self.rtt = self.link.rtt
         self.session_id = ""
         self.join_token = ""
@@ -149,45 +77,42 @@ class RemoteVerifier(Verifier):
 
     # ---- connecting ----
 
-    def _connect(self) -> _Link:
-        """Handshake with the first server that answers; retry the list for retry_for seconds."""
-        deadline = time.monotonic() + self.retry_for
-        delay, last = 0.1, ""
+    def _connect(self) -> Link:
+        """Handshake with the server in use, else the next ones in turn (for retry_for
+        seconds); take its limits."""
         while True:
-            for address in self.servers:
-                try:
-                    link = _Link(
-                        address,
-                        self.tokenizer,
-                        self.auth_token,
-                        self.tls_ca,
-                        getattr(self, "identity", None) or self.expect_identity,
-                        min(self.timeout, 5.0),
-                    )
-                except SessionGone as e:
-                    last = f"{address}: {e}"
-                    continue
-                return link
-            if time.monotonic() + delay > deadline:
-                raise VerifierUnavailable(f"no verification server answered ({last})")
-            time.sleep(delay)
-            delay = min(2 * delay, 1.0)
+            try:
+                link = Link(
+                    self.failover.address,
+                    self.tokenizer.fingerprint(),
+                    self.auth_token,
+                    self.tls_ca,
+                    self.identity or self.expect_identity,
+                    min(self.timeout, 5.0),
+                )
+            except (SessionGone, ServerFull) as e:  # (a server run with gRPC's own limit)
+                self.failover.failed(str(e))
+                continue
+            w = link.welcome
+            self.vocab_size, self.n_ctx, self.max_draft = w.vocab_size, w.n_ctx, w.max_draft
+            self.cost_shape = {c.n: c.micros / wire.MICROS for c in w.verify_cost}
+            return link
 
     # ---- the Verifier protocol ----
 
     def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
-        """Open a session with the committed ids; on failure, reconnect and try again."""
+        """Open a session with the committed ids on the server in use; if it is gone or
+        full, on the next ones in turn (VerifierUnavailable names each one and why)."""
         self._shutdown_call()
-        deadline = time.monotonic() + self.retry_for
         while True:
             try:
                 self._open_on(self.link, prompt_ids, params, seed)
+                self.failover.ok()
                 return
-            except SessionGone as e:
-                log.info("opening on %s failed (%s); reconnecting", self.link.address, e)
+            except (SessionGone, ServerFull) as e:
+                log.info("opening on %s failed (%s); trying the next server", self.link.address, e)
                 self._shutdown_call()
-                if time.monotonic() > deadline:
-                    raise VerifierUnavailable(f"could not open a session: {e}") from None
+                self.failover.failed(str(e))
                 self._relink()
 
     def _relink(self) -> None:
@@ -198,7 +123,7 @@ class RemoteVerifier(Verifier):
         self.reconnects += 1
 
     def _open_on(
-        self, link: _Link, prompt_ids: Sequence[int], params: SamplingParams, seed: int
+        self, link: Link, prompt_ids: Sequence[int], params: SamplingParams, seed: int
     ) -> None:
         self._sendq = queue.Queue()
         pending: deque[tuple[Future[Outcome], list[list[int]], bool]] = deque()
@@ -218,7 +143,7 @@ class RemoteVerifier(Verifier):
         try:
             msg = next(call)
         except grpc.RpcError as e:
-            raise _error(e) from None
+            raise error_of(e) from None
         except StopIteration:
             raise SessionGone("the server closed the session at once") from None
         self._count_in(msg)
@@ -260,7 +185,7 @@ class RemoteVerifier(Verifier):
                 except SpecsplitError as e:
                     fut.set_exception(e)
         except grpc.RpcError as e:
-            err = _error(e)
+            err = error_of(e)
         with self._lock:
             if pending is self._pending:  # rounds submitted from now on fail at once
                 self._ended = err
@@ -310,59 +235,6 @@ class RemoteVerifier(Verifier):
         )
 
 
-def generate_cloud(
-    server: str,
-    tokenizer_fingerprint: str,
-    *,
-    prompt: str = "",
-    prompt_ids: Sequence[int] = (),
-    max_new_tokens: int = 128,
-    params: SamplingParams | None = None,
-    seed: int | None = None,
-    stop: Sequence[str] = (),
-    server_draft: bool = False,
-    auth_token: str | None = None,
-    tls_ca_file: str | None = None,
-    timeout: float | None = None,
-) -> Iterator[pb.GenerateChunk]:
-    """Cloud-only: the server generates alone (or with its own drafter) and streams chunks;
-    the last one carries finish_reason and the statistics as JSON."""
-    ca = Path(tls_ca_file).read_bytes() if tls_ca_file else None
-    creds = grpc.ssl_channel_credentials(root_certificates=ca) if ca is not None else None
-    channel = (
-        grpc.secure_channel(server, creds, options=CHANNEL_OPTIONS)
-        if creds is not None
-        else grpc.insecure_channel(server, options=CHANNEL_OPTIONS)
-    )
-    stub = pb_grpc.VerifierStub(channel)
-    metadata = [("authorization", f"Bearer {auth_token}")] if auth_token else []
-    try:
-        stub.Handshake(
-            pb.Hello(
-                protocol_version=wire.PROTOCOL_VERSION, tokenizer_fingerprint=tokenizer_fingerprint
-            ),
-            metadata=metadata,
-            timeout=10.0,
-        )
-        req = pb.GenerateRequest(
-            prompt=prompt,
-            prompt_ids=[int(t) for t in prompt_ids],
-            sampling=wire.sampling_to_pb(params or SamplingParams()),
-            seed=seed or 0,
-            max_new_tokens=max_new_tokens,
-            stop=list(stop),
-            server_draft=server_draft,
-        )
-        yield from stub.Generate(req, metadata=metadata, timeout=timeout)
-    except grpc.RpcError as e:
-        err = _error(e)
-        if isinstance(err, SessionGone):
-            raise VerifierUnavailable(f"{server}: {err}") from None
-        raise err from None
-    finally:
-        channel.close()
-
-
 def join_and_draft(
     server: str,
     session_id: str,
@@ -375,9 +247,11 @@ def join_and_draft(
     auth_token: str | None = None,
     seed: int = 0,
 ) -> int:
-    """Join another client's session as one more drafter: draft k tokens for every round
-    until the session ends. Returns the rounds this drafter took part in."""
-    link = _Link(server, tokenizer, auth_token, None, None, 10.0)
+    """Join another client's session as one more drafter: draft k tokens (at most the
+    server's max_draft) for every round until the session ends. Returns the rounds this
+    drafter took part in."""
+    link = Link(server, tokenizer.fingerprint(), auth_token, None, None, 10.0)
+    k = min(k, link.welcome.max_draft)
     sendq: queue.Queue = queue.Queue()
     sendq.put(
         pb.ClientMsg(

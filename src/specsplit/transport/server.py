@@ -22,12 +22,16 @@ from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, calibrate
 from specsplit.errors import ConfigError
 from specsplit.proposers.base import Proposer
-from specsplit.transport.client import MAX_MESSAGE
 from specsplit.transport.http_face import HTTPFace
+from specsplit.transport.link import MAX_MESSAGE
 from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 from specsplit.transport.service import VerifierService
 
 log = logging.getLogger("specsplit.server")
+
+# RPCs beyond the long ones (handshakes, refusals) that gRPC serves at once: its own limit
+# ("Concurrent RPC limit exceeded!") is this far above the servicer's "server full" refusal
+SHORT_RPCS = 32
 
 
 @dataclass
@@ -41,6 +45,9 @@ class ServerConfig:
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     max_sessions: int = 64
+    max_streams: int | None = (
+        None  # session streams (joined ones too) + Generate calls; None: 2x sessions
+    )
     max_batch: int = 8
     max_draft: int = 16
     kv_budget: int | None = None  # bytes of KV cache, all sessions together
@@ -103,7 +110,11 @@ class SpecsplitServer:
             cost_shape=shape,
         )
         self.service = VerifierService(
-            self.scheduler, target_name, make_proposers=make_proposers, rate=c.rate
+            self.scheduler,
+            target_name,
+            make_proposers=make_proposers,
+            rate=c.rate,
+            max_streams=c.max_streams,
         )
         self.make_proposers = make_proposers
         self.grpc: grpc.Server | None = None
@@ -114,8 +125,10 @@ class SpecsplitServer:
     def start(self) -> None:
         c = self.config
         self.scheduler.start()
+        # every long RPC holds one thread; the servicer refuses those past its limit itself
+        rpcs = self.service.streams.limit + SHORT_RPCS
         self.grpc = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=2 * c.max_sessions + 8),
+            futures.ThreadPoolExecutor(max_workers=rpcs),
             interceptors=[_Auth(c.auth_token)] if c.auth_token else [],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -124,7 +137,7 @@ class SpecsplitServer:
                 ("grpc.keepalive_timeout_ms", 10_000),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
             ],
-            maximum_concurrent_rpcs=c.max_sessions + 8,
+            maximum_concurrent_rpcs=rpcs,
         )
         pb_grpc.add_VerifierServicer_to_server(self.service, self.grpc)
         address = f"{c.host}:{c.port}"

@@ -2,38 +2,42 @@
 
 No decoding logic lives here: sessions and batching are the engine's ``BatchScheduler``;
 this module checks every message, maps errors to gRPC status codes with a one-line reason,
-and routes verdicts back to the client streams of each session (several, when other
-drafters joined it with its id and join token).
+and hands rounds to each session's ``hub.Hub``, which routes verdicts back to its client
+streams (several, when other drafters joined it with its id and join token).
 """
 
 from __future__ import annotations
 
 import hmac
-import json
 import logging
 import queue
-import secrets
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from contextlib import closing
 from dataclasses import dataclass, field
 
 import grpc
 
-from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier, Served
-from specsplit.engine.speculative import DecodeLoop, GenerationRequest
+from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
+from specsplit.engine.speculative import Chunk, DecodeLoop, GenerationRequest
 from specsplit.engine.verifier import Outcome
-from specsplit.errors import ConfigError, Overloaded, SessionGone, SpecsplitError, StaleDraft
-from specsplit.proposers.base import Draft, Proposer
+from specsplit.errors import (
+    ConfigError,
+    Overloaded,
+    ServerFull,
+    SessionGone,
+    SpecsplitError,
+    StaleDraft,
+)
+from specsplit.proposers.base import Proposer
 from specsplit.transport import wire
+from specsplit.transport.hub import Hub, Member
 from specsplit.transport.pb import specsplit_pb2 as pb
 from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specsplit.server")
-
-JOIN_WAIT = 0.25  # seconds a joined session waits for every drafter's draft of a round
 
 
 def status_of(e: BaseException) -> grpc.StatusCode:
@@ -47,6 +51,12 @@ def status_of(e: BaseException) -> grpc.StatusCode:
     if isinstance(e, ConfigError):
         return grpc.StatusCode.INVALID_ARGUMENT
     return grpc.StatusCode.INTERNAL
+
+
+def reason_of(e: BaseException) -> str:
+    """The one-line reason for an engine error ("server full: ..." where another server may
+    serve: clients then try their next one)."""
+    return f"{wire.FULL} {e}" if isinstance(e, ServerFull) else str(e)
 
 
 class Refused(Exception):
@@ -94,126 +104,32 @@ class RateLimiter:
             return True
 
 
-@dataclass
-class Member:
-    """One client stream drafting for a session."""
+class Streams:
+    """Counts the long RPCs (session streams, joined or not, and Generate calls) and refuses
+    the one past ``limit`` with "server full", so that gRPC's own limits (threads, concurrent
+    RPCs; sized above this in ``server``) never answer first."""
 
-    out: queue.Queue  # futures of outcomes (with the chains sent) to answer, in order
-    joined: bool  # joined an existing session (needs the accepted ids)
-    snapshot: tuple[list[int], int] = ([], 0)  # committed ids and version when it joined
+    def __init__(self, limit: int) -> None:
+        self.limit, self.n = limit, 0
+        self._lock = threading.Lock()
 
+    def take(self, context: grpc.ServicerContext) -> bool:
+        """Count this RPC until it ends; False if the limit is reached."""
+        with self._lock:
+            if self.n >= self.limit:
+                return False
+            self.n += 1
+        done = threading.Event()
 
-class Hub:
-    """A served session and the client streams drafting for it."""
+        def release() -> None:
+            with self._lock:
+                if not done.is_set():
+                    done.set()
+                    self.n -= 1
 
-    def __init__(self, scheduler: BatchScheduler, served: Served) -> None:
-        self.scheduler, self.served = scheduler, served
-        self.join_token = secrets.token_urlsafe(16)
-        self.members: list[Member] = []
-        self.lock = threading.Lock()
-        self._pending: dict[int, list[Draft]] = {}  # version -> drafts gathered
-        self._from: dict[int, set[int]] = {}  # version -> ids of members that sent
-        self._timers: dict[int, threading.Timer] = {}
-        self._early: dict[int, list[Draft]] = {}  # joiners' drafts before the owner's round
-        self._inflight = 0  # the owner's rounds at the scheduler while it drafts alone
-        self._inflight_lock = threading.Lock()
-        self._next = 0  # the lowest version not yet sent for verification (joined sessions)
-        self._rounds: dict[int, Future[Outcome]] = {}  # version -> its verdict, every member hears
-
-    def join(self, joined: bool) -> Member:
-        """Add a client stream. A joining one starts hearing every round from now on; rounds
-        sent before it joined finish first, so a snapshot taken after this is consistent."""
-        m = Member(queue.Queue(), joined)
-        with self.lock:
-            self.members.append(m)
-            for version in sorted(self._rounds):
-                m.out.put(self._rounds[version])
-        deadline = time.monotonic() + 10.0
-        while self._inflight and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return m
-
-    def leave(self, m: Member) -> bool:
-        """Remove a member; True if the session should end (its owner or everyone left)."""
-        with self.lock:
-            if m in self.members:
-                self.members.remove(m)
-            return not m.joined or not self.members
-
-    def _single_done(self, _: Future) -> None:
-        with self._inflight_lock:
-            self._inflight -= 1
-
-    def submit(self, m: Member, drafts: list[Draft], version: int, pipelined: bool) -> None:
-        """Queue a round. Alone, the owner's rounds go straight to the scheduler; with joined
-        drafters, the owner's draft opens the round and theirs join it (until JOIN_WAIT)."""
-        with self.lock:
-            if len(self.members) == 1:
-                fut = self.scheduler.submit(self.served, drafts, version, pipelined)
-                with self._inflight_lock:
-                    self._inflight += 1
-                fut.add_done_callback(self._single_done)
-                m.out.put(fut)
-                return
-            if pipelined:  # no drafting ahead with several drafters: answer "dropped", in order
-                dropped: Future[Outcome] = Future()
-                dropped.set_result(Outcome(version, True, 0, -1))
-                m.out.put(dropped)
-                return
-            if version < self._next or id(m) in self._from.get(version, set()):
-                return  # late: the round went to verification without this draft
-            self._from.setdefault(version, set()).add(id(m))
-            if m.joined:
-                self._early.setdefault(version, []).extend(drafts)
-                if version not in self._rounds:
-                    return  # the owner has not sent this round yet
-            else:
-                if version in self._rounds:
-                    raise ConfigError(f"a second round at version {version}")
-                self._rounds[version] = Future()
-                for member in self.members:
-                    member.out.put(self._rounds[version])
-                self._pending[version] = [*drafts, *self._early.pop(version, [])]
-                for old in [v for v in self._early if v < version]:
-                    del self._early[old]
-            if m.joined:
-                self._pending[version].extend(self._early.pop(version, []))
-            if len(self._from[version]) >= len(self.members):
-                self._fire(version)
-            elif version not in self._timers:
-                t = threading.Timer(JOIN_WAIT, self._fire_later, (version,))
-                t.daemon = True
-                self._timers[version] = t
-                t.start()
-
-    def _fire_later(self, version: int) -> None:
-        with self.lock:
-            if version in self._pending:
-                self._fire(version)
-
-    def _fire(self, version: int) -> None:
-        """Verify every drafter's draft of a round in one pass; every member hears it."""
-        drafts = self._pending.pop(version)
-        self._from.pop(version, None)
-        self._next = max(self._next, version + 1)  # later drafts for this version are late
-        t = self._timers.pop(version, None)
-        if t is not None:
-            t.cancel()
-        out = self._rounds[version]
-
-        def done(f: Future[Outcome]) -> None:
-            with self.lock:
-                self._rounds.pop(version, None)
-            if f.exception() is not None:
-                out.set_exception(f.exception())
-            else:
-                out.set_result(f.result())
-
-        try:
-            self.scheduler.submit(self.served, drafts, version).add_done_callback(done)
-        except SpecsplitError as e:
-            self._rounds.pop(version, None)
-            out.set_exception(e)
+        if not context.add_callback(release):  # the RPC already ended
+            release()
+        return True
 
 
 class VerifierService(pb_grpc.VerifierServicer):
@@ -226,6 +142,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         *,
         make_proposers: Callable[[], Sequence[Proposer]] = list,
         rate: float | None = None,
+        max_streams: int | None = None,
     ) -> None:
         self.scheduler = scheduler
         t = scheduler.target
@@ -236,6 +153,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.make_proposers = make_proposers
         self.limiter = RateLimiter(rate)
         self.counters = Counters()
+        # session streams (owners and joined drafters) and Generate calls at once
+        self.streams = Streams(max_streams or 2 * scheduler.max_sessions)
         self.hubs: dict[str, Hub] = {}
         self._lock = threading.Lock()
 
@@ -245,6 +164,17 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.counters.refused[code.name] += 1
         log.info("refused peer=%s code=%s reason=%r", context.peer(), code.name, reason)
         context.abort(code, reason)
+
+    def _refuse_error(self, context: grpc.ServicerContext, e: SpecsplitError) -> None:
+        self._refuse(context, status_of(e), reason_of(e))
+
+    def _take_stream(self, context: grpc.ServicerContext) -> None:
+        if not self.streams.take(context):
+            self._refuse(
+                context,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{wire.FULL} the server holds its maximum of {self.streams.limit} streams",
+            )
 
     def _check_client(self, fingerprint: str, context: grpc.ServicerContext) -> None:
         if fingerprint != self.fingerprint:
@@ -295,6 +225,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     def Session(
         self, request_iterator: Iterator[pb.ClientMsg], context: grpc.ServicerContext
     ) -> Iterator[pb.ServerMsg]:
+        self._take_stream(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("msg") != "open":
             self._refuse(
@@ -334,12 +265,12 @@ class VerifierService(pb_grpc.VerifierServicer):
             if isinstance(item, Refused):
                 self._leave(hub, member, str(item))
                 self._refuse(context, item.code, str(item))
+            fut, with_ids = item  # with_ids: fixed when the round was formed
             try:
-                outcome: Outcome = item.result()
+                outcome: Outcome = fut.result()
             except SpecsplitError as e:
                 self._leave(hub, member, str(e))
-                self._refuse(context, status_of(e), str(e))
-            with_ids = member.joined or len(hub.members) > 1
+                self._refuse_error(context, e)
             yield self._out(pb.ServerMsg(verdict=wire.verdict_to_pb(outcome, with_ids)))
 
     def _out(self, msg: pb.ServerMsg) -> pb.ServerMsg:
@@ -363,13 +294,13 @@ class VerifierService(pb_grpc.VerifierServicer):
             params = wire.sampling_from_pb(req.sampling)
             served = self.scheduler.open(list(req.prompt_ids), params, int(req.seed))
         except SpecsplitError as e:
-            self._refuse(context, status_of(e), str(e))
+            self._refuse_error(context, e)
         remaining = context.time_remaining()
         try:
             served.ready.result(timeout=remaining if remaining and remaining < 1e6 else None)
         except SpecsplitError as e:
             self.scheduler.close(served, str(e))
-            self._refuse(context, status_of(e), str(e))
+            self._refuse_error(context, e)
         except TimeoutError:
             self.scheduler.close(served, "deadline")
             self._refuse(context, grpc.StatusCode.DEADLINE_EXCEEDED, "deadline while prefilling")
@@ -418,7 +349,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         except Refused as e:
             member.out.put(e)
         except SpecsplitError as e:
-            member.out.put(Refused(status_of(e), str(e)))
+            member.out.put(Refused(status_of(e), reason_of(e)))
         except grpc.RpcError:
             member.out.put(None)  # the stream broke: the callback ends the session
         except Exception as e:  # a malformed stream must not kill the server
@@ -438,26 +369,36 @@ class VerifierService(pb_grpc.VerifierServicer):
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateChunk]:
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
+        self._take_stream(context)
         try:
             req = self.generation_request(request)
             proposers = self.make_proposers() if request.server_draft else []
             loop = DecodeLoop(ScheduledVerifier(self.scheduler), proposers)
-            stream = loop.stream(req)
-            for chunk in stream:
-                if not context.is_active():
-                    stream.close()
-                    return
-                msg = pb.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids)
-                if chunk.result is not None:
-                    msg.finish_reason = chunk.result.finish_reason
-                    msg.stats_json = json.dumps(chunk.result.stats.as_dict())
-                self.counters.add(n_out=msg.ByteSize() + wire.GRPC_FRAME)
-                yield msg
+            with closing(loop.stream(req)) as stream:  # closed: the session ends with the call
+                yield from self._chunks(stream, req, context)
         except SpecsplitError as e:
-            self._refuse(context, status_of(e), str(e))
+            self._refuse_error(context, e)
+
+    def _chunks(
+        self, stream: Iterator[Chunk], req: GenerationRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateChunk]:
+        first = True
+        for chunk in stream:
+            if not context.is_active():
+                return
+            msg = pb.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids)
+            if first:  # the prompt as rendered here: a resume elsewhere sends these ids
+                msg.prompt_ids.extend(int(t) for t in req.prompt_ids)
+                first = False
+            if chunk.result is not None:
+                msg.finish_reason = chunk.result.finish_reason
+                msg.stats_json = wire.stats_to_json(chunk.result.stats)
+            self.counters.add(n_out=msg.ByteSize() + wire.GRPC_FRAME)
+            yield msg
 
     def generation_request(self, m: pb.GenerateRequest) -> GenerationRequest:
-        """A validated engine request from a Generate message."""
+        """A validated engine request from a Generate message (an unset max_new_tokens is
+        128, an unset seed a random one; 0 is 0 for both, as on the HTTP face)."""
         if bool(m.prompt_ids) == bool(m.prompt):
             raise ConfigError("give exactly one of prompt_ids and prompt")
         ids = list(m.prompt_ids)
@@ -470,8 +411,9 @@ class VerifierService(pb_grpc.VerifierServicer):
             )
         return GenerationRequest(
             ids,
-            int(m.max_new_tokens) or 128,
+            int(m.max_new_tokens) if m.HasField("max_new_tokens") else wire.DEFAULT_MAX_NEW,
             wire.sampling_from_pb(m.sampling),
-            int(m.seed) if m.seed else None,
+            int(m.seed) if m.HasField("seed") else None,
             tuple(m.stop),
+            tuple(int(t) for t in m.resume_ids),
         )

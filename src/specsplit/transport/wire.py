@@ -8,20 +8,25 @@ side: rounding it would break losslessness.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Sequence
 
 import numpy as np
 
+from specsplit.engine.metrics import GenerationStats
 from specsplit.engine.verifier import Outcome
 from specsplit.errors import ConfigError
 from specsplit.proposers.base import Draft
 from specsplit.sampling import QUANT_BITS, SamplingParams
 from specsplit.transport.pb import specsplit_pb2 as pb
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 Q_TOTAL = 1 << QUANT_BITS
 MICROS = 1e6
 GRPC_FRAME = 5  # bytes of gRPC framing per message (flag + length), for the byte counters
+FULL = "server full:"  # how a RESOURCE_EXHAUSTED reason begins when another server may serve
+DEFAULT_MAX_NEW = 128  # Generate's max_new_tokens when the request leaves it unset
 
 
 class ProtocolError(ConfigError):
@@ -36,13 +41,28 @@ def sampling_to_pb(p: SamplingParams) -> pb.Sampling:
 
 
 def sampling_from_pb(m: pb.Sampling) -> SamplingParams:
-    """Validated settings (top_p 0 means off, as an unset proto3 field reads 0)."""
+    """Validated settings, exactly the sender's values (doubles); top_p 0 means off, as an
+    unset proto3 field reads 0."""
     return SamplingParams(
         temperature=float(m.temperature),
         top_k=int(m.top_k),
         top_p=float(m.top_p) if m.top_p > 0 else 1.0,
         min_p=float(m.min_p),
     )
+
+
+# ---- statistics (Generate's last chunk) ----
+
+
+def stats_to_json(st: GenerationStats) -> str:
+    return json.dumps(dataclasses.asdict(st))
+
+
+def stats_from_json(text: str) -> GenerationStats:
+    """The stats a server sent (fields this side does not know are ignored)."""
+    raw = json.loads(text) if text else {}
+    known = {f.name for f in dataclasses.fields(GenerationStats)}
+    return GenerationStats(**{k: v for k, v in raw.items() if k in known})
 
 
 # ---- drafts ----
@@ -129,7 +149,7 @@ def verdict_to_pb(o: Outcome, with_ids: bool) -> pb.Verdict:
 
 def verdict_from_pb(m: pb.Verdict, chains: Sequence[Sequence[int]], pipelined: bool) -> Outcome:
     """The outcome; accepted ids from the message, else from the chain the client sent."""
-    if m.accepted_ids or m.dropped:
+    if m.accepted_ids or m.dropped or not m.n_accepted:
         accepted = tuple(m.accepted_ids)
     elif chains:
         if m.chain >= len(chains):

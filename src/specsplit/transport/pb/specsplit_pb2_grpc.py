@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class VerifierStub:
-    """Missing associated documentation comment in .proto file."""
+    """Every refusal carries a status and a one-line reason. A server at its limit of sessions or
+    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,10 +54,13 @@ class VerifierStub:
 
 
 class VerifierServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Every refusal carries a status and a one-line reason. A server at its limit of sessions or
+    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another).
+    """
 
     def Handshake(self, request, context):
         """Protocol version and identities, before any work.
+        A client of another protocol version is refused (FAILED_PRECONDITION, both named).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -102,7 +107,9 @@ def add_VerifierServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Verifier:
-    """Missing associated documentation comment in .proto file."""
+    """Every refusal carries a status and a one-line reason. A server at its limit of sessions or
+    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another).
+    """
 
     @staticmethod
     def Handshake(request,
