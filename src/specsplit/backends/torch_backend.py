@@ -112,7 +112,8 @@ class TorchBackend(Backend):
             raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         _check_device(device)
         if ref in registry.MODELS or ref.endswith(".gguf"):
-            model, tok, origin = _load_gguf(registry.resolve_gguf(ref), tdtype)
+            gguf = registry.resolve_gguf(ref)
+            model, tok, origin = _load_gguf(gguf, tdtype)
         elif Path(ref).expanduser().is_dir():
             model, tok, origin = (
                 *_load_transformers(str(Path(ref).expanduser()), tdtype),
@@ -125,6 +126,8 @@ class TorchBackend(Backend):
             raise AssertionError("unreachable")
         backend = cls(model, tok, device=device, n_ctx=n_ctx)
         backend.origin = origin
+        if ref in registry.MODELS or ref.endswith(".gguf"):
+            backend.source_gguf = gguf
         return backend
 
     # ---- sequences -----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from specsplit.backends.vocab_file import vocab_blob
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
 from specsplit.engine.speculative import Chunk, DecodeLoop, GenerationRequest
 from specsplit.engine.verifier import Outcome
@@ -38,6 +39,8 @@ from specsplit.transport.pb import specsplit_pb2 as pb
 from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specsplit.server")
+
+VOCAB_CHUNK = 1 << 20  # bytes of the vocabulary file per message
 
 
 def status_of(e: BaseException) -> grpc.StatusCode:
@@ -156,6 +159,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         # session streams (owners and joined drafters) and Generate calls at once
         self.streams = Streams(max_streams or 2 * scheduler.max_sessions)
         self.hubs: dict[str, Hub] = {}
+        self._vocab: bytes | None = None
+        self._vocab_lock = threading.Lock()
         self._lock = threading.Lock()
 
     # ---- helpers ----
@@ -176,13 +181,18 @@ class VerifierService(pb_grpc.VerifierServicer):
                 f"{wire.FULL} the server holds its maximum of {self.streams.limit} streams",
             )
 
-    def _check_client(self, fingerprint: str, context: grpc.ServicerContext) -> None:
-        if fingerprint != self.fingerprint:
+    def _check_client(
+        self, fingerprint: str, context: grpc.ServicerContext, handshake: bool = False
+    ) -> None:
+        """The client's vocabulary is the target's (a handshake may send none: the client
+        then takes the server's, from Welcome and the Vocabulary call)."""
+        if fingerprint != self.fingerprint and not (handshake and not fingerprint):
             self._refuse(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "the client's tokenizer does not match the server's target "
-                f"({fingerprint[:12] or 'none'} vs {self.fingerprint[:12]})",
+                f"the client's tokenizer ({fingerprint[:12] or 'none'}) is not the vocabulary "
+                f"of this server's target {self.target_name} ({self.fingerprint[:12]}): draft "
+                "with a model of that vocabulary, or with ngram (which needs no model)",
             )
 
     # ---- Handshake ----
@@ -195,7 +205,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {request.protocol_version}; this server speaks {wire.PROTOCOL_VERSION}",
             )
-        self._check_client(request.tokenizer_fingerprint, context)
+        self._check_client(request.tokenizer_fingerprint, context, handshake=True)
         if request.target_identity and request.target_identity != self.identity:
             self._refuse(
                 context,
@@ -362,6 +372,41 @@ class VerifierService(pb_grpc.VerifierServicer):
             with self._lock:
                 if self.hubs.pop(hub.served.id, None) is not None:
                     log.info("session end id=%s reason=%r", hub.served.id, reason)
+
+    # ---- Vocabulary ----
+
+    def Vocabulary(
+        self, request: pb.VocabularyRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.VocabularyChunk]:
+        self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
+        if request.tokenizer_fingerprint not in ("", self.fingerprint):
+            self._refuse(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server's vocabulary is {self.fingerprint[:12]}, "
+                f"not {request.tokenizer_fingerprint[:12]}",
+            )
+        try:
+            blob = self._vocab_blob()
+        except SpecsplitError as e:
+            self._refuse_error(context, e)
+        for i in range(0, len(blob), VOCAB_CHUNK):
+            msg = pb.VocabularyChunk(data=blob[i : i + VOCAB_CHUNK])
+            self.counters.add(n_out=msg.ByteSize() + wire.GRPC_FRAME)
+            yield msg
+
+    def _vocab_blob(self) -> bytes:
+        """The target's tokenizer as a gzipped vocabulary-only GGUF (made once)."""
+        with self._vocab_lock:  # (not self._lock: making it takes seconds)
+            if self._vocab is None:
+                src = self.scheduler.target.source_gguf
+                if src is None:
+                    raise ConfigError(
+                        f"this server's target {self.target_name} did not come from a GGUF, "
+                        "so it cannot send its tokenizer: give the client a draft model"
+                    )
+                self._vocab = vocab_blob(src, self.fingerprint)
+            return self._vocab
 
     # ---- Generate (cloud-only) ----
 
