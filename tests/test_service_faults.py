@@ -359,9 +359,9 @@ def test_handshake_refusals(main, tok, good):
             )
             assert "tokenizer" in why
             assert_refused(raw.session([open_msg(fp=fp)]), grpc.StatusCode.FAILED_PRECONDITION)
-        assert_refused(
-            raw.handshake(hello(tokenizer_fingerprint="")), grpc.StatusCode.FAILED_PRECONDITION
-        )
+        # a handshake without a vocabulary takes the server's; a session must name it
+        welcome, code = raw.handshake(hello(tokenizer_fingerprint=""))[:2]
+        assert code == grpc.StatusCode.OK and welcome.tokenizer_fingerprint == fingerprint()
         assert_refused(raw.session([open_msg(fp="")]), grpc.StatusCode.FAILED_PRECONDITION)
         why = assert_refused(
             raw.handshake(hello(target_identity="0" * 64)), grpc.StatusCode.FAILED_PRECONDITION
