@@ -113,7 +113,7 @@ class Run {
     const c = this.counts;
     const per = Object.entries(this.drafters).map(([n, k]) => `${n}: ${k}`).join(", ");
     $("counts").textContent =
-      `spans: ${c.accepted} accepted${per ? " (" + per + ")" : ""}, ${c.correction} corrections, ` +
+      `by origin: ${c.accepted} accepted${per ? " (" + per + ")" : ""}, ${c.correction} corrections, ` +
       `${c.bonus} bonus, ${c.target} target alone`;
   }
 }
