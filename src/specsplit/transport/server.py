@@ -186,7 +186,7 @@ class SpecsplitServer:
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking new work, let rounds in flight finish for ``grace`` seconds, then end."""
         if self.http is not None:
-            self.http.stop()
+            self.http.stop(grace)
         if self.grpc is not None:
             self.grpc.stop(grace).wait()
         self.scheduler.stop()

@@ -85,7 +85,7 @@ def _max_tokens(req: CompletionRequest | ChatCompletionRequest, limit: int) -> i
     elif req.max_tokens is not None:
         name, value = "max_tokens", req.max_tokens
     else:  # unset: OpenAI's defaults (16 for completions, as many as allowed for chat)
-        return COMPLETION_DEFAULT_MAX if isinstance(req, CompletionRequest) else limit
+        return min(COMPLETION_DEFAULT_MAX, limit) if isinstance(req, CompletionRequest) else limit
     if not 1 <= value <= limit:
         raise bad(f"{name} must be in [1, {limit}], got {value}", name)
     return value

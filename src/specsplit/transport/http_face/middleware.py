@@ -7,7 +7,9 @@ trickled) gets 408, so a slow client cannot hold a worker for as long as it like
 close the connection. The app then reads the body from memory.
 
 ``AccessLog`` writes one ``key=value`` line per request (logger ``specsplit.http``):
-method, path, status, prompt and completion tokens, seconds, and whether the client left.
+method, path, status, prompt and completion tokens, seconds, and whether the client left;
+at INFO for the API (``/v1/...``) and every error, at DEBUG for the rest (the page polls
+``/status`` every second).
 """
 
 from __future__ import annotations
@@ -131,4 +133,5 @@ class AccessLog:
             text = " ".join(f"{k}={v}" for k, v in line.items())
             if fields.get("client_disconnected"):
                 text += " client_disconnected=true"
-            log.info(text, extra={"http": line})
+            api = scope["path"].startswith("/v1/") or status >= 400
+            log.log(logging.INFO if api else logging.DEBUG, text, extra={"http": line})

@@ -59,6 +59,7 @@ class HTTPFace:
         config = uvicorn.Config(
             self.app,
             log_config=None,
+            log_level="warning",
             access_log=False,
             lifespan="off",
             timeout_keep_alive=self.keep_alive,
@@ -78,14 +79,17 @@ class HTTPFace:
             raise RuntimeError(f"the HTTP face did not start on {self.url}")
         log.info("serving HTTP on %s", self.url)
 
-    def stop(self) -> None:
-        """Stop accepting, give requests in flight ``grace`` seconds, then end (idempotent)."""
+    def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, give requests in flight ``grace`` seconds (default: the one given
+        at construction), then cancel them, which frees their sessions (idempotent)."""
         server, self._server = self._server, None
         if server is None:
             return
+        if grace is not None:  # (uvicorn cancels at once, and says so, below ~0.05 s)
+            server.config.timeout_graceful_shutdown = max(grace, 0.05)
         server.should_exit = True
         if self._thread is not None:
-            self._thread.join(timeout=self.grace + 5)
+            self._thread.join(timeout=server.config.timeout_graceful_shutdown + 5)
 
     def __enter__(self) -> HTTPFace:
         self.start()
