@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import select
 import socket
 import struct
 import threading
@@ -528,6 +529,22 @@ def test_oversized_body_is_413_before_reading(face):
     assert_alive(face)
 
 
+def test_a_chunked_body_is_read_within_the_limit(face):
+    def send(body: bytes) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", face.port, timeout=30)
+        try:
+            conn.request("POST", "/v1/completions", iter([body[:5], body[5:]]), encode_chunked=True)
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+        finally:
+            conn.close()
+
+    status, body = send(json.dumps(GOOD).encode())
+    assert status == 200 and body["usage"]["completion_tokens"] == 2
+    status, body = send(json.dumps({**GOOD, "prompt": "a" * (1 << 20)}).encode())
+    assert_error(status, body, 413)
+
+
 def raw_post(port: int, declared: int, body: bytes, trickle: float = 0.0):
     """POST /v1/completions on a raw socket with Content-Length: declared; sends body at
     once, or a byte every trickle seconds until the server answers; reads to the close.
@@ -536,21 +553,14 @@ def raw_post(port: int, declared: int, body: bytes, trickle: float = 0.0):
     t0 = time.monotonic()
     got = b""
     try:
-        sock.sendall(
-            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n".encode()
-        )
+        head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {declared}\r\n\r\n"
+        sock.sendall(head.encode())
         if not trickle:
             sock.sendall(body)
-        else:
-            sock.settimeout(trickle)
-            for i in range(len(body)):
-                sock.sendall(body[i : i + 1])
-                try:
-                    got = sock.recv(65536)
-                    break  # the server answered
-                except TimeoutError:
-                    pass
-            sock.settimeout(30)
+        for i in range(len(body) if trickle else 0):
+            if select.select([sock], [], [], trickle)[0]:
+                break  # the server answered: stop sending (more would reset the connection)
+            sock.sendall(body[i : i + 1])
         while piece := sock.recv(65536):  # the server closes the connection
             got += piece
         seconds = time.monotonic() - t0
@@ -569,7 +579,7 @@ def test_a_body_that_never_arrives_whole_is_408(tok):
         assert_error(status, resp, 408)
         assert 0.4 < seconds < 5 and "connection: close" in head
         # bytes trickled: the deadline is for the whole body, not each read
-        status, resp, seconds, _ = raw_post(f.port, len(body), body, trickle=0.1)
+        status, resp, seconds, _ = raw_post(f.port, len(body), body, trickle=0.15)
         assert_error(status, resp, 408)
         assert 0.4 < seconds < 5
         assert call(f, "GET", "/health")[0] == 200

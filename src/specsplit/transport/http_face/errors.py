@@ -7,6 +7,7 @@ logged with its traceback); the message is always one line.
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 
@@ -71,15 +72,22 @@ def internal() -> APIError:
 def from_validation(err: ValidationError | RequestValidationError) -> APIError:
     """A schema violation: 400 naming the top-level field (``param``) and where inside it."""
     first = err.errors()[0]
-    loc = [p for p in first.get("loc", ()) if p != "body"]
+    loc = [p for p in first.get("loc", ()) if p != "body" and not _union_member(p)]
     param = str(loc[0]) if loc and isinstance(loc[0], str) else None
     where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "extra_forbidden":
+    kind, msg = first.get("type"), first.get("msg", "invalid value")
+    if kind == "extra_forbidden":
         msg = "is not a field this server accepts"
-    elif first.get("type") == "value_error":
+    elif kind == "value_error":
         msg = str(first.get("ctx", {}).get("error", msg))
+    elif kind != "missing" and "input" in first:
+        msg += f", got {json.dumps(first['input'], default=str)[:40]}"
     return bad(f"{where}: {msg}" if where else msg, param)
+
+
+def _union_member(part: object) -> bool:
+    """A location part naming which type of a union failed ("str", "list[TextPart]")."""
+    return isinstance(part, str) and (part in ("str", "int", "float", "bool") or "[" in part)
 
 
 def install(app: FastAPI) -> None:

@@ -100,11 +100,17 @@ class _Common(_Strict):
             raise ValueError("only n=1 is supported")
         return v
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stop(cls, v: str | list[str] | None) -> str | list[str] | None:
+    def _stop(cls, v: Any) -> Any:
         if isinstance(v, list) and len(v) > MAX_STOP:
             raise ValueError(f"at most {MAX_STOP} stop strings, got {len(v)}")
+        if not (
+            v is None
+            or isinstance(v, str)
+            or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        ):
+            raise ValueError(f"must be a string or a list of up to {MAX_STOP} strings")
         return v
 
     def stops(self) -> tuple[str, ...]:
@@ -122,7 +128,7 @@ class CompletionRequest(_Common):
     def _prompt(cls, v: Any) -> Any:
         ok_ids = isinstance(v, list) and v and all(type(t) is int for t in v)
         if not (isinstance(v, str) or ok_ids):
-            raise ValueError("prompt must be a string or a non-empty list of token ids")
+            raise ValueError("must be a string or a non-empty list of token ids")
         return v
 
 
@@ -143,6 +149,17 @@ class ChatMessage(_Strict):
     function_call: Any = None
     audio: Any = None
     annotations: Any = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _content(cls, v: Any) -> Any:
+        if not (v is None or isinstance(v, str | list)):
+            raise ValueError("must be a string, null or a list of text parts")
+        for part in v if isinstance(v, list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise ValueError(f"only text parts are supported, got type {kind!r}")
+        return v
 
     @field_validator("name", "refusal", "tool_calls", "function_call", "audio", "annotations")
     @classmethod
