@@ -83,3 +83,56 @@ def perturbed(model, eps: float, seed: int):
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * eps * p.std())
     return m
+
+
+# ---- a real server process (HTTP face tests) ----
+
+import contextlib  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+import urllib.request  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def specsplit_serve(*args: str, start_timeout: float = 300.0):
+    """`specsplit serve --port 0 --http-port P ARGS` as a subprocess on loopback, the way a
+    user starts it; yields the HTTP base URL once /health answers; SIGTERM at the end."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "specsplit.faces.cli", "serve", "--port", "0"]
+    with tempfile.TemporaryFile("w+") as log:  # (a pipe nobody reads would fill and block)
+        proc = subprocess.Popen(
+            [*cmd, "--http-port", str(port), *args], stdout=log, stderr=subprocess.STDOUT
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            end = time.monotonic() + start_timeout
+            while not _answers(url + "/health"):
+                if proc.poll() is not None or time.monotonic() > end:
+                    log.seek(0)
+                    raise RuntimeError(f"specsplit serve did not start: {log.read()[-2000:]}")
+                time.sleep(0.5)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False

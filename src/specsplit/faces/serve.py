@@ -40,8 +40,11 @@ class ServeSettings:
     port: int = _f(50051, "gRPC port (0: any free port, printed at start)", type=int)
     http_port: int | None = _f(
         None,
-        "port of the OpenAI-style HTTP face with /health and /metrics (off if unset)",
+        "port of the OpenAI-style HTTP face with /health, /metrics and the page (off if unset)",
         type=int,
+    )
+    http_body_timeout: float = _f(
+        10.0, "seconds an HTTP request body may take to arrive whole (else 408)", type=float
     )
     auth_token_file: str | None = _f(None, "file with the bearer token clients must send")
     tls_cert: str | None = _f(None, "PEM certificate chain (with --tls-key: gRPC over TLS)")
@@ -90,6 +93,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         host=s.host,
         port=s.port,
         http_port=s.http_port,
+        http_body_timeout=s.http_body_timeout,
         auth_token=_read_secret(s.auth_token_file),
         tls_cert=Path(s.tls_cert).read_bytes() if s.tls_cert else None,
         tls_key=Path(s.tls_key).read_bytes() if s.tls_key else None,
