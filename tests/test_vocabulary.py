@@ -28,7 +28,7 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(smollm2_gguf):
     from specsplit.backends.llamacpp_backend import LlamaCppBackend
 
     target = LlamaCppBackend.load("smollm2-135m", n_ctx=1024, threads=1)

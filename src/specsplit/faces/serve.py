@@ -80,7 +80,14 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from specsplit.backends.load import load_backend
     from specsplit.faces.api import make_proposer
     from specsplit.proposers.ngram import NGramProposer
-    from specsplit.transport.server import ServerConfig, SpecsplitServer
+
+    try:
+        from specsplit.transport.server import ServerConfig, SpecsplitServer
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"specsplit serve needs {e.name}, which is not installed: "
+            "pip install 'specsplit[server]'"
+        ) from None
 
     s: ServeSettings = from_namespace(ns, ServeSettings)
     _few_malloc_arenas()
