@@ -9,7 +9,6 @@ scrape time), ``/status`` and the page at ``/``.
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from specsplit.proposers.base import Proposer
 from specsplit.transport.http_face import FaceConfig, HTTPFace, create_app
 from specsplit.transport.http_face.metrics import server_registry
 from specsplit.transport.http_face.status import DrafterTally, server_status
+from specsplit.transport.keys import Keys
 from specsplit.transport.link import MAX_MESSAGE
 from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 from specsplit.transport.service import VerifierService
@@ -47,7 +47,8 @@ class ServerConfig:
     port: int = 50051  # gRPC; 0 = any free port
     http_port: int | None = None  # the HTTP face; None = off, 0 = any free port
     http_body_timeout: float = 10.0  # seconds for an HTTP request body to arrive whole (408)
-    auth_token: str | None = None
+    auth_token: str | None = None  # one shared key (the --auth-token-file)
+    keys: Keys | None = None  # API keys with names, rates and quotas (the --keys-file)
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     max_sessions: int = 64
@@ -58,17 +59,17 @@ class ServerConfig:
     max_draft: int = 16
     kv_budget: int | None = None  # bytes of KV cache, all sessions together
     idle_timeout: float = 300.0
-    rate: float | None = 200.0  # rounds per second per client
+    rate: float | None = 200.0  # calls (rounds, requests) per second per key or client
     prefill_chunk: int = 256
     batch_window: float = 0.005
     calibrate: bool = True  # measure target pass costs at start (sent in the handshake)
 
 
 class _Auth(grpc.ServerInterceptor):
-    """Refuses every RPC without ``authorization: Bearer <token>``."""
+    """Refuses every RPC without ``authorization: Bearer <key>`` of a known key."""
 
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}"
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
 
         def deny(request: object, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
@@ -77,7 +78,7 @@ class _Auth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
         got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(got.encode(), self.expected.encode()):
+        if self.keys.check(got) is not None:
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
@@ -115,15 +116,20 @@ class SpecsplitServer:
             idle_timeout=c.idle_timeout,
             cost_shape=shape,
         )
+        if c.keys is not None and c.auth_token is not None:
+            raise ConfigError("give either a keys file or one auth token, not both")
+        self.keys = c.keys or (
+            Keys.single(c.auth_token, c.rate) if c.auth_token else Keys.open(c.rate)
+        )
         self.service = VerifierService(
             self.scheduler,
             target_name,
             make_proposers=make_proposers,
-            rate=c.rate,
+            keys=self.keys,
             max_streams=c.max_streams,
         )
         self.make_proposers = make_proposers
-        self.registry = server_registry(self.scheduler, self.service.counters)
+        self.registry = server_registry(self.scheduler, self.service.counters, self.keys)
         self.drafter = DrafterTally("+".join(p.name for p in make_proposers()) or "none")
         self.grpc: grpc.Server | None = None
         self.http: HTTPFace | None = None
@@ -137,7 +143,7 @@ class SpecsplitServer:
         rpcs = self.service.streams.limit + SHORT_RPCS
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=rpcs),
-            interceptors=[_Auth(c.auth_token)] if c.auth_token else [],
+            interceptors=[_Auth(self.keys)] if self.keys.required else [],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -167,7 +173,7 @@ class SpecsplitServer:
             self.port,
             self.http.port if self.http else "off",
             c.tls_cert is not None,
-            c.auth_token is not None,
+            self.keys.required,
         )
 
     def http_app(self) -> FastAPI:
@@ -175,7 +181,6 @@ class SpecsplitServer:
         ``HTTPFace`` here; any ASGI server can mount it)."""
         c = self.config
         config = FaceConfig(
-            auth_token=c.auth_token,
             n_ctx=self.target.n_ctx,
             body_timeout=c.http_body_timeout,
             concurrency=None,  # every request is its own session of the scheduler
@@ -189,6 +194,7 @@ class SpecsplitServer:
             registry=self.registry,
             health=self.health,
             status=self.status,
+            keys=self.keys,
         )
 
     def _generate(self, req: GenerationRequest):  # noqa: ANN202

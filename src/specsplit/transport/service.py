@@ -12,7 +12,6 @@ import hmac
 import logging
 import queue
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -35,6 +34,7 @@ from specsplit.errors import (
 from specsplit.proposers.base import Proposer
 from specsplit.transport import wire
 from specsplit.transport.hub import Hub, Member
+from specsplit.transport.keys import Keys, Principal
 from specsplit.transport.pb import specsplit_pb2 as pb
 from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 
@@ -85,28 +85,6 @@ class Counters:
             self.bytes_out += n_out
 
 
-class RateLimiter:
-    """A token bucket per client: ``rate`` rounds per second, bursts of ``burst``."""
-
-    def __init__(self, rate: float | None, burst: float = 32.0) -> None:
-        self.rate, self.burst = rate, burst
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, client: str) -> bool:
-        if not self.rate:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            level, t = self._buckets.get(client, (self.burst, now))
-            level = min(self.burst, level + (now - t) * self.rate)
-            if level < 1.0:
-                self._buckets[client] = (level, now)
-                return False
-            self._buckets[client] = (level - 1.0, now)
-            return True
-
-
 class Streams:
     """Counts the long RPCs (session streams, joined or not, and Generate calls) and refuses
     the one past ``limit`` with "server full", so that gRPC's own limits (threads, concurrent
@@ -144,7 +122,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         target_name: str,
         *,
         make_proposers: Callable[[], Sequence[Proposer]] = list,
-        rate: float | None = None,
+        keys: Keys | None = None,
         max_streams: int | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -154,7 +132,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.identity = t.identity()
         self.target_name = target_name
         self.make_proposers = make_proposers
-        self.limiter = RateLimiter(rate)
+        self.keys = keys or Keys.open(None)  # who may call, at what rate, with what quota
         self.counters = Counters()
         # session streams (owners and joined drafters) and Generate calls at once
         self.streams = Streams(max_streams or 2 * scheduler.max_sessions)
@@ -172,6 +150,16 @@ class VerifierService(pb_grpc.VerifierServicer):
 
     def _refuse_error(self, context: grpc.ServicerContext, e: SpecsplitError) -> None:
         self._refuse(context, status_of(e), reason_of(e))
+
+    def _principal(self, context: grpc.ServicerContext) -> Principal:
+        """Who this call is from, admitted for one more call (rate and quota)."""
+        auth = dict(context.invocation_metadata() or ()).get("authorization", "")
+        p = self.keys.principal(auth, context.peer().rsplit(":", 1)[0])
+        try:
+            p.admit()
+        except Overloaded as e:
+            self._refuse_error(context, e)
+        return p
 
     def _take_stream(self, context: grpc.ServicerContext) -> None:
         if not self.streams.take(context):
@@ -242,6 +230,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Open"
             )
         self.counters.add(first.ByteSize() + wire.GRPC_FRAME)
+        principal = self._principal(context)
         hub, member = self._open(first.open, context)
         served = hub.served
         context.add_callback(lambda: self._leave(hub, member, "client went away"))
@@ -257,7 +246,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         )
         yield self._out(pb.ServerMsg(opened=opened))
         reader = threading.Thread(
-            target=self._read, args=(request_iterator, hub, member, context), daemon=True
+            target=self._read,
+            args=(request_iterator, hub, member, context, principal),
+            daemon=True,
         )
         reader.start()
         while True:
@@ -281,6 +272,8 @@ class VerifierService(pb_grpc.VerifierServicer):
             except SpecsplitError as e:
                 self._leave(hub, member, str(e))
                 self._refuse_error(context, e)
+            if not outcome.dropped and not member.joined:  # (joiners hear the same tokens)
+                principal.used(outcome.n_accepted + 1)
             yield self._out(pb.ServerMsg(verdict=wire.verdict_to_pb(outcome, with_ids)))
 
     def _out(self, msg: pb.ServerMsg) -> pb.ServerMsg:
@@ -335,9 +328,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         hub: Hub,
         member: Member,
         context: grpc.ServicerContext,
+        principal: Principal,
     ) -> None:
         """Read a session's messages and queue their rounds (runs in its own thread)."""
-        client = context.peer().rsplit(":", 1)[0]
         greedy = hub.served.state.params.greedy
         vocab = self.scheduler.target.vocab_size
         try:
@@ -348,8 +341,10 @@ class VerifierService(pb_grpc.VerifierServicer):
                     break
                 if kind != "draft":
                     raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} message")
-                if not self.limiter.allow(client):
-                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit: too many rounds")
+                try:
+                    principal.admit()
+                except Overloaded as e:
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
                 d = msg.draft
                 drafts = wire.drafts_from_pb(
                     d.chains, vocab, self.scheduler.max_draft + int(d.pipelined), greedy
@@ -415,12 +410,15 @@ class VerifierService(pb_grpc.VerifierServicer):
     ) -> Iterator[pb.GenerateChunk]:
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         self._take_stream(context)
+        principal = self._principal(context)
         try:
             req = self.generation_request(request)
             proposers = self.make_proposers() if request.server_draft else []
             loop = DecodeLoop(ScheduledVerifier(self.scheduler), proposers)
             with closing(loop.stream(req)) as stream:  # closed: the session ends with the call
-                yield from self._chunks(stream, req, context)
+                for msg in self._chunks(stream, req, context):
+                    principal.used(len(msg.token_ids))
+                    yield msg
         except SpecsplitError as e:
             self._refuse_error(context, e)
 

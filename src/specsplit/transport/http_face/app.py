@@ -3,8 +3,9 @@
 Endpoints: ``GET /health``; ``GET /metrics`` (Prometheus, given a registry); ``GET /status``
 (JSON for the page, given a status function); ``GET /v1/models``; ``POST /v1/completions``
 and ``POST /v1/chat/completions`` (``"stream": true`` for server-sent events); ``GET /``
-the page that shows speculation at work (its files under ``/page/``). With an auth token every path except
-``/health`` and the page needs ``Authorization: Bearer <token>``.
+the page that shows speculation at work (its files under ``/page/``). With API keys (or one
+auth token) every path except ``/health`` and the page needs ``Authorization: Bearer <key>``;
+a key's rate and token quota are answered with 429 (``transport.keys``).
 
 The app converts HTTP to a ``GenerationRequest`` and hands it to the generate function; it
 holds no decoding logic. ``HTTPFace`` (``runner``) serves it with uvicorn in a thread; Ray
@@ -13,7 +14,6 @@ Serve can mount the same app as an ingress.
 
 from __future__ import annotations
 
-import hmac
 import time
 from collections.abc import Callable
 from importlib.resources import files
@@ -40,6 +40,7 @@ from specsplit.transport.http_face.requests import ChatCompletionRequest, Comple
 from specsplit.transport.http_face.responses import ModelCard, ModelList, Reply
 from specsplit.transport.http_face.spans import TokenSpans
 from specsplit.transport.http_face.streaming import Encoder, EventStream, events
+from specsplit.transport.keys import Keys, Principal, QuotaExceeded, RateLimited
 
 PAGE = files("specsplit.transport.http_face") / "page"
 
@@ -53,15 +54,20 @@ def create_app(
     registry: CollectorRegistry | None = None,
     health: Callable[[], dict] | None = None,
     status: Callable[[], dict] | None = None,
+    keys: Keys | None = None,
 ) -> FastAPI:
     """The app for one served model (``model_name``, what ``/v1/models`` lists and requests
-    must name). ``generate`` may block; each of its steps runs in a worker thread."""
+    must name). ``generate`` may block; each of its steps runs in a worker thread. ``keys``:
+    who may call and how much (the server's, shared with gRPC); else ``config.auth_token``
+    as one key, or anyone."""
     config = config or FaceConfig()
+    if keys is None:
+        keys = Keys.single(config.auth_token, None) if config.auth_token else Keys.open(None)
     app = FastAPI(title="specsplit", docs_url=None, redoc_url=None, openapi_url=None)
     errors.install(app)
     app.add_middleware(BodyGuard, max_bytes=config.max_body_bytes, timeout=config.body_timeout)
     app.add_middleware(AccessLog)
-    face = _Face(generate, tokenizer, model_name, config)
+    face = _Face(generate, tokenizer, model_name, config, keys)
     open_routes, routes = APIRouter(), APIRouter(dependencies=[Depends(face.check_auth)])
 
     @open_routes.get("/health")
@@ -108,34 +114,44 @@ class _Face:
     """The state the routes share: the model, limits and the worker threads."""
 
     def __init__(
-        self, generate: GenerateFn, tokenizer: Tokenizer, model_name: str, config: FaceConfig
+        self,
+        generate: GenerateFn,
+        tokenizer: Tokenizer,
+        model_name: str,
+        config: FaceConfig,
+        keys: Keys,
     ) -> None:
         self.generate, self.tokenizer = generate, tokenizer
-        self.model_name, self.config = model_name, config
+        self.model_name, self.config, self.keys = model_name, config, keys
         self.created = int(time.time())
         self.limiter = anyio.CapacityLimiter(config.threads)
         self.slots = anyio.Semaphore(config.concurrency) if config.concurrency else None
 
     async def check_auth(self, request: Request) -> None:
-        token = self.config.auth_token
-        if token is None:
-            return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if not (
-            scheme.lower() == "bearer"
-            and hmac.compare_digest(given.strip().encode(), token.encode())
-        ):
+        """Who the request is from (``request.state.principal``); 401 for a missing or
+        unknown key where keys are required."""
+        auth = request.headers.get("authorization", "")
+        if self.keys.required and self.keys.check(auth) is None:
             raise APIError(
                 401,
                 "missing or invalid bearer token",
                 "authentication_error",
                 code="invalid_api_key",
             )
+        address = request.client.host if request.client else "unknown"
+        request.state.principal = self.keys.principal(auth, address)
 
     async def answer(
         self, request: Request, schema: type[CompletionRequest] | type[ChatCompletionRequest]
     ) -> Response:
         """Validate, convert, generate; the whole answer or a stream of events."""
+        principal: Principal = request.state.principal
+        try:
+            principal.admit()
+        except QuotaExceeded as e:
+            raise APIError(429, str(e), "insufficient_quota", code="insufficient_quota") from None
+        except RateLimited as e:
+            raise APIError(429, str(e), "rate_limit_error", code="rate_limit_exceeded") from None
         raw = await request.body()
         body = await anyio.to_thread.run_sync(convert.parse, raw, schema)
         convert.check_model(body.model, self.model_name)
@@ -167,6 +183,7 @@ class _Face:
                 while chunk.result is None:
                     chunk = await gen.next()
             log_fields(request.scope)["completion_tokens"] = len(chunk.result.token_ids)
+            request.state.principal.used(len(chunk.result.token_ids))
             return JSONResponse(reply.full(chunk.result).model_dump(mode="json"))
 
         return await until_disconnect(request.receive, run)
@@ -191,6 +208,7 @@ class _Face:
 
         async def close() -> None:
             fields["completion_tokens"] = encode.completion_tokens
+            request.state.principal.used(encode.completion_tokens)
             await gen.aclose()
 
         def gone() -> None:

@@ -7,7 +7,8 @@ several servers in one process do not clash. Names (``specsplit_`` prefix, ``_to
 counters): sessions, queue_rounds, kv_bytes, kv_budget_bytes, passes, rounds,
 batch_size_passes{size}, batch_size_mean, dropped_rounds, draft_tokens, accepted_tokens,
 acceptance_rate, emitted_tokens, prefill_tokens, evictions, verify_seconds,
-received_bytes, sent_bytes, refused{code}.
+received_bytes, sent_bytes, refused{code}; per API key (``KeyCollector``): key_calls{key},
+key_tokens{key}, key_token_quota{key}, key_refused{key,reason}.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from specsplit.engine.scheduler import BatchScheduler
+from specsplit.transport.keys import Keys
 
 
 class WireCounters(Protocol):
@@ -82,10 +84,41 @@ class ServerCollector(Collector):
         yield refused
 
 
+class KeyCollector(Collector):
+    """Usage per API key: calls admitted, tokens generated, calls refused by reason."""
+
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
+
+    def collect(self) -> Iterator[Metric]:
+        calls = CounterMetricFamily(
+            "specsplit_key_calls", "Calls admitted (rounds, requests), by key.", labels=["key"]
+        )
+        tokens = CounterMetricFamily(
+            "specsplit_key_tokens", "Tokens generated, by key.", labels=["key"]
+        )
+        quota = GaugeMetricFamily(
+            "specsplit_key_token_quota", "Token quota (absent: none), by key.", labels=["key"]
+        )
+        refused = CounterMetricFamily(
+            "specsplit_key_refused", "Calls refused, by key and reason.", labels=["key", "reason"]
+        )
+        for p in self.keys.usage():
+            calls.add_metric([p.name], p.calls)
+            tokens.add_metric([p.name], p.tokens)
+            if p.token_quota is not None:
+                quota.add_metric([p.name], p.token_quota)
+            for reason, n in sorted(p.refused.items()):
+                refused.add_metric([p.name, reason], n)
+        yield from (calls, tokens, quota, refused)
+
+
 def server_registry(
-    scheduler: BatchScheduler, wire: WireCounters | None = None
+    scheduler: BatchScheduler, wire: WireCounters | None = None, keys: Keys | None = None
 ) -> CollectorRegistry:
-    """A registry of its own holding the server's collector."""
+    """A registry of its own holding the server's collectors."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(ServerCollector(scheduler, wire))
+    if keys is not None:
+        registry.register(KeyCollector(keys))
     return registry
