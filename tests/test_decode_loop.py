@@ -118,7 +118,7 @@ class Scripted(Verifier):
         self.vocab_size, self.n_ctx, self.cost_shape = self.tokenizer.vocab_size, 10_000, {}
         self.script, self.sizes = script, sizes
 
-    def open(self, prompt_ids, params, seed):  # noqa: ANN001, ANN201
+    def open(self, prompt_ids, params, seed, first=False):  # noqa: ANN001, ANN201
         self.pos, self.round, self.version = 0, 0, 0
 
     def submit(self, drafts, version, pipelined=False):  # noqa: ANN001, ANN201
@@ -315,3 +315,41 @@ def test_chunks_say_how_each_token_came(models, tok):
     assert kinds <= set(origins) <= kinds | {"target"}  # (the last round may have no room)
     st = chunks[-1].result.stats
     assert origins.count(f"accepted:{engine.proposers[0].name}") == st.accepted
+
+
+# ---- the first token comes from the target's prefill, before any round ----
+
+
+class Recording(LocalVerifier):
+    """A local verifier that notes when rounds are submitted."""
+
+    def __init__(self, target, events: list) -> None:  # noqa: ANN001
+        super().__init__(target)
+        self.events = events
+
+    def submit(self, drafts, version, pipelined=False):  # noqa: ANN001, ANN201
+        self.events.append("round")
+        return super().submit(drafts, version, pipelined)
+
+
+@pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED])
+def test_the_first_token_does_not_wait_for_a_round(sampling, models, tok):
+    events: list = []
+    loop = DecodeLoop(Recording(_target(models, tok), events), [_draft(models, tok)], FixedK(3))
+    req = GenerationRequest(PROMPT, 24, sampling, seed=3)
+    chunks = []
+    for chunk in loop.stream(req):
+        events.append(("chunk", chunk.token_ids))
+        chunks.append(chunk)
+    first = chunks[0]
+    assert events[0] == ("chunk", first.token_ids) and len(first.token_ids) == 1
+    assert first.origins == ["target"] and first.stats.t_first_token < first.stats.t_total
+    plain = SpeculativeEngine(_target(models, tok)).generate(req)  # the target alone
+    assert chunks[-1].result.token_ids[0] == plain.token_ids[0]
+    if not sampling.temperature:
+        assert chunks[-1].result.token_ids == plain.token_ids
+    # one token asked: the prefill gives it, no round at all
+    events.clear()
+    one = loop.generate(GenerationRequest(PROMPT, 1, sampling, seed=3))
+    assert one.token_ids == chunks[-1].result.token_ids[:1] and "round" not in events
+    assert (one.finish_reason, one.stats.target_passes) == ("length", 1)

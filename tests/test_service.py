@@ -90,7 +90,9 @@ def test_greedy_through_service_equals_target_greedy(drafter, policy, server, mo
     assert res.token_ids == ref.token_ids
     assert "".join(c.text for c in chunks) == res.text == ref.text
     st = res.stats
-    assert st.target_passes < 64  # speculation happened: fewer passes than tokens
+    # fewer passes than tokens where K is fixed (auto may rightly choose K = 0 on a tiny model
+    # whose one-token pass is far cheaper than a longer one)
+    assert st.target_passes < 64 if policy != "auto" else st.target_passes <= 64
     assert st.bytes_sent > 0 and st.bytes_received > 0 and st.round_trips >= st.target_passes
     again = loop.generate(GenerationRequest(PROMPT, 8)).stats  # bytes are per request
     assert 0 < again.bytes_sent < st.bytes_sent and 0 < again.bytes_received < st.bytes_received
@@ -154,20 +156,24 @@ class CountingVerifier(RemoteVerifier):
             self.verified_ahead += 1
 
 
-def _exact_joint3(target, params) -> dict[tuple[int, int, int], float]:
-    """P(first three new tokens) under the target, by enumeration (vocabulary V)."""
+def _exact_joint_n(target, params, n: int) -> dict[tuple[int, ...], float]:
+    """P(first n new tokens) under the target, by enumeration (vocabulary V)."""
     seq = target.new_sequence()
-    n = len(SAMPLED_PROMPT)
-    p0 = logits_to_probs(target.forward(seq, SAMPLED_PROMPT)[-1], params)
-    out = {}
-    for a in range(V):
-        target.truncate(seq, n)
-        p1 = logits_to_probs(target.forward(seq, [a])[-1], params)
-        for b in range(V):
-            target.truncate(seq, n + 1)
-            p2 = logits_to_probs(target.forward(seq, [b])[-1], params)
+    base = len(SAMPLED_PROMPT)
+    target.forward(seq, SAMPLED_PROMPT[:-1])
+    out: dict[tuple[int, ...], float] = {}
+
+    def walk(prefix: tuple[int, ...], pr: float, last: int) -> None:
+        target.truncate(seq, base - 1 + len(prefix))
+        p = logits_to_probs(target.forward(seq, [last])[-1], params)
+        if len(prefix) + 1 == n:
             for c in range(V):
-                out[(a, b, c)] = p0[a] * p1[b] * p2[c]
+                out[(*prefix, c)] = pr * p[c]
+            return
+        for c in np.flatnonzero(p):
+            walk((*prefix, int(c)), pr * p[c], int(c))
+
+    walk((), 1.0, SAMPLED_PROMPT[-1])
     target.free_sequence(seq)
     return out
 
@@ -184,9 +190,10 @@ AHEAD_N = 1500
 
 def test_sampled_tokens_with_drafting_ahead_follow_target_distribution():
     """Rounds drafted ahead (pipelined) are really verified, and the text keeps the target's
-    distribution: K = 1 and 4 new tokens, so the round drafted ahead of the first decides
-    the third token whenever the first round passes whole and its bonus was guessed. Checked
-    on (t1, t2), on (t2, t3), and on t3 given (t1, t2) where that round was verified."""
+    distribution: the first token comes from the prefill, then K = 1 and 5 new tokens, so the
+    round drafted ahead of the first round decides the fourth token whenever that round passes
+    whole and its bonus was guessed. Checked on (t1, t2), (t2, t3), (t3, t4), and on t4 given
+    (t1, t2, t3) where that round was verified."""
     params = SamplingParams(temperature=0.7, top_p=0.9)
     target_model = tiny_llama(vocab=V, seed=3)
     tok = TinyTokenizer(V)
@@ -201,25 +208,25 @@ def test_sampled_tokens_with_drafting_ahead_follow_target_distribution():
             TorchBackend(perturbed(target_model, 0.15, seed=4), tok), quantize=True
         )
         verifier = CountingVerifier([f"127.0.0.1:{srv.port}"], tok)
-        runs: list[tuple[tuple[int, ...], bool]] = []  # first 3 tokens, ahead round verified
+        runs: list[tuple[tuple[int, ...], bool]] = []  # first 4 tokens, ahead round verified
         for seed in range(AHEAD_N):
             loop = DecodeLoop(verifier, [draft], FixedK(1), pipeline=True)  # no pause carried over
             before = verifier.verified_ahead
-            res = loop.generate(GenerationRequest(SAMPLED_PROMPT, 4, params, seed=seed))
-            runs.append((tuple(res.token_ids[:3]), verifier.verified_ahead > before))
+            res = loop.generate(GenerationRequest(SAMPLED_PROMPT, 5, params, seed=seed))
+            runs.append((tuple(res.token_ids[:4]), verifier.verified_ahead > before))
         verifier.shutdown()
     finally:
         srv.stop(grace=0)
     ahead = [t for t, verified in runs if verified]
     assert len(ahead) > AHEAD_N * 0.15, (verifier.ahead, len(ahead))
-    joint = _exact_joint3(TorchBackend(target_model, tok), params)
-    for keep in (slice(0, 2), slice(1, 3)):  # (t1, t2) and (t2, t3)
+    joint = _exact_joint_n(TorchBackend(target_model, tok), params, 4)
+    for keep in (slice(0, 2), slice(1, 3), slice(2, 4)):  # (t1, t2), (t2, t3), (t3, t4)
         _assert_matches(Counter(t[keep] for t, _ in runs), _marginal(joint, keep))
-    # t3 where the round drafted ahead decided it: expected sum of p(t3 | t1, t2)
-    prefix = _marginal(joint, slice(0, 2))
+    # t4 where the round drafted ahead decided it: expected sum of p(t4 | t1, t2, t3)
+    prefix = _marginal(joint, slice(0, 3))
     expected = np.zeros(V)
-    for a, b, _ in ahead:
-        expected += [joint[(a, b, c)] / prefix[(a, b)] for c in range(V)]
+    for *head, _ in ahead:
+        expected += [joint.get((*head, c), 0.0) / prefix[tuple(head)] for c in range(V)]
     observed = np.bincount([c for *_, c in ahead], minlength=V).astype(float)
     assert observed[expected == 0].sum() == 0, "a token the target cannot emit"
     observed, expected = observed[expected > 0], expected[expected > 0]

@@ -17,7 +17,9 @@ class GenerationStats:
     """Counters and timers of one request."""
 
     new_tokens: int = 0
-    target_passes: int = 0  # verification passes (the prompt's prefill is not counted)
+    # target passes that decided tokens: verification rounds, and the prompt's prefill where
+    # it gave the first token (so the target alone has exactly one pass per token)
+    target_passes: int = 0
     proposed: int = 0  # draft tokens proposed (for several drafters: tree nodes tested)
     accepted: int = 0  # draft tokens accepted
     rejected_rounds: int = 0  # rounds in which a draft token was rejected (rollback + correction)

@@ -46,7 +46,7 @@ class Served:
 
     id: str
     state: VerifySession
-    ready: Future[None]  # set once the prompt is prefilled
+    ready: Future[int | None]  # set once the prompt is prefilled (to the first token, if asked)
     jobs: deque[_Job] = field(default_factory=deque)
     closed: bool = False
     end_reason: str = ""
@@ -127,9 +127,12 @@ class BatchScheduler:
 
     # ---- what sessions call (any thread) ----
 
-    def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> Served:
-        """Register a session; its prompt is prefilled by the loop (wait on ``.ready``)."""
-        state = VerifySession(prompt_ids, params, seed, self.target.vocab_size)
+    def open(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, first: bool = False
+    ) -> Served:
+        """Register a session; its prompt is prefilled by the loop (wait on ``.ready``, which
+        carries the first new token where ``first`` asked the prefill for it)."""
+        state = VerifySession(prompt_ids, params, seed, self.target.vocab_size, first)
         if len(state.tokens) >= self.target.n_ctx:
             raise ConfigError(
                 f"the prompt has {len(state.tokens)} tokens; the target's context holds {self.target.n_ctx}"
@@ -287,7 +290,7 @@ class BatchScheduler:
             return
         self.stats.prefill_tokens += n
         if not s.state.missing() and not s.ready.done():
-            s.ready.set_result(None)
+            s.ready.set_result(s.state.first)
 
     def _others_hold_kv(self, s: Served) -> bool:
         return any(o is not s and o.state.cached for o in self.sessions.values())
@@ -383,10 +386,12 @@ class ScheduledVerifier(Verifier):
         self.max_draft = scheduler.max_draft
         self.served: Served | None = None
 
-    def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
+    def open(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, first: bool = False
+    ) -> int | None:
         self.close()
-        self.served = self.scheduler.open(prompt_ids, params, seed)
-        self.served.ready.result()
+        self.served = self.scheduler.open(prompt_ids, params, seed, first)
+        return self.served.ready.result()
 
     def submit(
         self, drafts: Sequence[Draft], version: int, pipelined: bool = False

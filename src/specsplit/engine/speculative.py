@@ -18,10 +18,10 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from specsplit.backends.base import Backend
+from specsplit.backends.base import Backend, Tokenizer
 from specsplit.engine.draft_length import AdaptiveK, DraftLengthPolicy, FixedK
 from specsplit.engine.metrics import GenerationStats
 from specsplit.engine.rounds import fit_round
@@ -99,6 +99,49 @@ class _InFlight:
     pipelined: bool = False
 
 
+class _Run:
+    """One request's text as the loop commits it: ids, stop strings, EOS, the budget."""
+
+    def __init__(
+        self, req: GenerationRequest, tokenizer: Tokenizer, stats: GenerationStats, t0: float
+    ) -> None:
+        self.req, self.stats, self.t0 = req, stats, t0
+        self.text = TextStream(tokenizer, req.stop)
+        self.eos = tokenizer.eos_token_ids
+        self.out: list[int] = []  # generated ids (resume ids included)
+        self.context: list[int] = []  # prompt + out
+        self.n_ctx = 0
+        self.finish: str | None = None
+        self.piece, self.new, self.origins = "", [], []
+
+    def take(self, tokens: list[int], origins: list[str], k: int, n_accepted: int) -> Chunk | None:
+        """Commit a round's tokens (cut at EOS, the budget, a stop string, the context); the
+        chunk to stream, or None once the request has finished (see ``last``)."""
+        budget = self.req.max_new_tokens - len(self.out)
+        new, self.finish = DecodeLoop._cut(tokens, budget, self.eos)
+        self.stats.record_round(k, n_accepted, len(new) + (self.finish == "eos"))
+        self.out += new
+        self.context += new
+        cut = self.text.find_stop(self.out)
+        if cut is not None:
+            new = new[: max(0, len(new) - (len(self.out) - cut))]
+            self.out, self.finish = self.out[:cut], "stop"
+        if self.finish is None and len(self.context) >= self.n_ctx:
+            self.finish = "length"
+        if not self.stats.t_first_token:
+            self.stats.t_first_token = time.perf_counter() - self.t0
+        self.piece = self.text.update(self.out, final=self.finish is not None)
+        self.new, self.origins = new, origins[: len(new)]
+        if self.finish is not None:
+            return None
+        return Chunk(self.piece, new, origins=self.origins, stats=self.stats)
+
+    def last(self) -> Chunk:
+        """The final chunk: the last round's piece, with the result."""
+        result = GenerationResult(self.out, self.text.emitted, self.finish or "length", self.stats)
+        return Chunk(self.piece, self.new, result, self.origins, self.stats)
+
+
 class DecodeLoop:
     """Generates one request at a time: local drafters, any verifier."""
 
@@ -116,6 +159,9 @@ class DecodeLoop:
         self._always_ahead = pipeline is True  # True: draft ahead even where it seems slow
         self._since_ahead = 0
         self._ahead_paused = 0  # rounds left without drafting ahead (after a dropped round)
+        # drafters prefill the prompt in a thread while the target prefills it (True), or
+        # after the target's first token is out (False)
+        self.prefill_beside = True
         # drafting ahead needs one chain (a tree's bonus has no single guess)
         self.pipeline = (verifier.pipelines if pipeline is None else pipeline) and len(
             self.proposers
@@ -235,40 +281,49 @@ class DecodeLoop:
         return 0
 
     def stream(self, req: GenerationRequest) -> Iterator[Chunk]:
-        """Generate, yielding text as it is accepted; the last chunk carries the result."""
+        """Generate, yielding text as it is accepted; the last chunk carries the result.
+
+        The first token comes from the target's prefill (its logits after the prompt), so it
+        does not wait for the drafters: their prompt prefill runs beside the target's."""
         t_arrival = time.perf_counter()
         prompt = [int(t) for t in req.prompt_ids]
         self._check(req, prompt)
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         draws = [drafter_uniform(seed, j) for j in range(len(self.proposers))]
-        stats = GenerationStats(seed=seed)
-        tok = self.verifier.tokenizer
-        text = TextStream(tok, req.stop)
-        eos = tok.eos_token_ids
-        out: list[int] = [int(t) for t in req.resume_ids]  # output an earlier server made
-        text.update(out)  # (its text was shown already)
-        finish = None
+        run = _Run(req, self.verifier.tokenizer, GenerationStats(seed=seed), t_arrival)
+        run.out = [int(t) for t in req.resume_ids]  # output an earlier server made
+        run.text.update(run.out)  # (its text was shown already)
+        stats = run.stats
         per_token = sum(p.cost_per_token for p in self.proposers)
         sent0, received0 = self.verifier.traffic()  # this request's bytes only
         try:
-            context, version = prompt + out, 0
-            self.verifier.open(context, req.params, seed)
+            run.context, version = prompt + run.out, 0
+            # a resumed request (resume_ids) goes on as the lost one would have: no prefill token
+            first = self._open(run.context, req.params, seed, first=not req.resume_ids)
+            run.n_ctx = self.verifier.n_ctx
             stats.t_prefill = time.perf_counter() - t_arrival
             if isinstance(self.policy, AdaptiveK) and not self.policy.verify.shape:
                 self.policy.verify.shape.update(self.verifier.cost_shape)
+            if first is not None:  # the prefill's token: a round without drafts
+                version = 1
+                stats.round_trips += 1  # (the open answered it)
+                chunk = run.take([first], ["target"], 0, 0)
+                if chunk is not None:
+                    yield chunk
             ahead: _InFlight | None = None
-            while finish is None:
-                budget = req.max_new_tokens - len(out)
+            while run.finish is None:
+                budget = req.max_new_tokens - len(run.out)
                 try:
                     cur, ahead = self._send_round(
-                        ahead, context, version, budget, req.params, draws, stats
+                        ahead, run.context, version, budget, req.params, draws, stats
                     )
                     outcome = cur.future.result()
                 except SessionGone as e:  # the verifier went away: resume from the ids we have
                     if not self.verifier.remote:
                         raise
                     ahead = None
-                    version = self._resume(e, context, req, seed, out, stats)
+                    version = self._resume(e, run.context, req, seed, run.out, stats)
+                    run.n_ctx = self.verifier.n_ctx  # (another server: its limits)
                     continue
                 wall = time.perf_counter() - cur.t_sent
                 live = [d.tokens for d in cur.drafts if d.tokens]
@@ -306,28 +361,33 @@ class DecodeLoop:
                 else:
                     accepted = live[outcome.chain][int(cur.pipelined) :][: outcome.n_accepted]
                 origins = self._origins(cur, outcome, len(accepted))
-                new, finish = self._cut([*accepted, outcome.next_token], budget, eos)
-                stats.record_round(k_used, outcome.n_accepted, len(new) + (finish == "eos"))
-                out += new
-                context += new
-                cut = text.find_stop(out)
-                if cut is not None:
-                    new = new[: max(0, len(new) - (len(out) - cut))]
-                    out, finish = out[:cut], "stop"
-                if finish is None and len(context) >= self.verifier.n_ctx:
-                    finish = "length"
-                if not stats.t_first_token:
-                    stats.t_first_token = time.perf_counter() - t_arrival
-                piece = text.update(out, final=finish is not None)
-                if finish is None:
-                    yield Chunk(piece, new, origins=origins[: len(new)], stats=stats)
+                new = [*accepted, outcome.next_token]
+                chunk = run.take(new, origins, k_used, outcome.n_accepted)
+                if chunk is not None:
+                    yield chunk
             stats.t_total = time.perf_counter() - t_arrival
             sent, received = self.verifier.traffic()
             stats.bytes_sent, stats.bytes_received = sent - sent0, received - received0
-            result = GenerationResult(out, text.emitted, finish, stats)
-            yield Chunk(piece, new, result, origins[: len(new)], stats)
+            yield run.last()
         finally:
             self.verifier.close()
+
+    def _open(
+        self, context: list[int], params: SamplingParams, seed: int, first: bool
+    ) -> int | None:
+        """Open the session, the drafters' prompt prefill running beside the target's (both
+        release the GIL in their passes); the first token, from the target's prefill."""
+        prepare = [p for p in self.proposers if p.prepares]
+        if not prepare or not self.prefill_beside:
+            token = self.verifier.open(context, params, seed, first=first)
+            for p in prepare:
+                p.prepare(context)
+            return token
+        with ThreadPoolExecutor(1) as pool:
+            done = pool.submit(lambda: [p.prepare(context) for p in prepare])
+            token = self.verifier.open(context, params, seed, first=first)
+            done.result()
+        return token
 
     def _origins(self, cur: _InFlight, outcome: Outcome, n_accepted: int) -> list[str]:
         """How each token of a round came (see ``Chunk``): the accepted ones, then the last."""

@@ -58,8 +58,14 @@ class VerifySession:
     """
 
     def __init__(
-        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, vocab: int
+        self,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        seed: int,
+        vocab: int,
+        first: bool = False,
     ) -> None:
+        """``first``: the prefill also decides the first new token (see ``prefill_step``)."""
         prompt = [int(t) for t in prompt_ids]
         if not prompt:
             raise ConfigError("the prompt is empty")
@@ -75,6 +81,8 @@ class VerifySession:
         self.last_full = False  # the last round accepted every draft token
         self.last_used = time.monotonic()
         self.lock = threading.Lock()  # tokens and version change together
+        self.wants_first = first  # the prefill still owes the first new token
+        self.first: int | None = None  # that token, once decided
 
     def snapshot(self) -> tuple[list[int], int]:
         """The committed ids and the version they belong to, read together."""
@@ -86,17 +94,30 @@ class VerifySession:
         return self.tokens[-1]
 
     def missing(self) -> int:
-        """Committed tokens not yet in the KV cache (besides the pending one)."""
-        return len(self.tokens) - 1 - self.cached
+        """Committed tokens not yet in the KV cache (besides the pending one; the last prompt
+        token too while the prefill owes the first new token)."""
+        return len(self.tokens) - 1 - self.cached + int(self.wants_first)
 
     def prefill_step(self, target: Backend, chunk: int) -> None:
-        """Bring up to ``chunk`` more committed tokens into the KV cache."""
+        """Bring up to ``chunk`` more committed tokens into the KV cache. Where the prefill owes
+        the first new token, its last chunk takes the whole prompt and decides that token from
+        the target's logits after it, as a round without drafts would (the same keyed draw),
+        so the first token does not wait for a round."""
         if self.seq is None:
             self.seq, self.cached = target.new_sequence(), 0
         part = self.tokens[self.cached : self.cached + min(chunk, self.missing())]
-        if part:
-            target.prefill(self.seq, part)
-            self.cached += len(part)
+        if not part:
+            return
+        logits = target.prefill(self.seq, part)  # [V] after the last token of part
+        self.cached += len(part)
+        if self.wants_first and self.cached == len(self.tokens):
+            rnd = plan_round(self.pending, [], self.vocab)
+            verdict, _ = decide(rnd, logits[None], self.params, self.uniform, len(self.tokens))
+            with self.lock:
+                self.tokens.append(verdict.next_token)
+                self.version += 1
+            self.first, self.wants_first = verdict.next_token, False
+            self.last_used = time.monotonic()
 
     def release(self, target: Backend) -> None:
         """Free the KV cache (the ids stay: the cache can be rebuilt)."""
@@ -160,8 +181,12 @@ class Verifier(ABC):
     cost_shape: dict[int, float]  # seconds of a target pass over n tokens (for choosing K)
 
     @abstractmethod
-    def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
-        """Start the session and prefill its prompt."""
+    def open(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, first: bool = False
+    ) -> int | None:
+        """Start the session and prefill its prompt; with ``first`` (a request's start, not a
+        resume) the prefill also decides the first new token, returned (the session's version
+        is then 1)."""
 
     @abstractmethod
     def submit(
@@ -189,11 +214,14 @@ class LocalVerifier(Verifier):
         self.cost_shape = {}
         self.session: VerifySession | None = None
 
-    def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
+    def open(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, first: bool = False
+    ) -> int | None:
         self.close()
-        s = VerifySession(prompt_ids, params, seed, self.target.vocab_size)
+        s = VerifySession(prompt_ids, params, seed, self.target.vocab_size, first)
         self.session = s
         s.prefill_step(self.target, len(s.tokens))
+        return s.first
 
     def submit(
         self, drafts: Sequence[Draft], version: int, pipelined: bool = False

@@ -169,7 +169,10 @@ def _few_malloc_arenas(n: int = 2) -> None:
 
 
 class _Locked:
-    """A shared drafter used by one request at a time."""
+    """A shared drafter used by one request at a time (its cache follows whichever request
+    drafts, so it does not prefill a prompt ahead: ``prepares`` is False)."""
+
+    prepares = False
 
     def __init__(self, proposer, lock: threading.Lock) -> None:  # noqa: ANN001
         self.p, self.lock = proposer, lock

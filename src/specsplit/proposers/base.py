@@ -31,6 +31,12 @@ class Proposer(ABC):
         """Up to k tokens that may follow context [n]; sampled drafts fill Draft.q. The token
         for position n + i is sampled with the uniform u(n + i) (``randomness``)."""
 
+    prepares: bool = False  # prepare() does work worth running beside the target's prefill
+
+    def prepare(self, context: Sequence[int]) -> None:
+        """Optional: catch up on context [n] (the prompt) before the first draft."""
+        return None
+
     def warm_up(self, context: Sequence[int]) -> None:
         """Optional: measure costs before the timed run."""
         return None

@@ -80,6 +80,14 @@ class DraftModelProposer(Proposer):
             self.cost_per_token = per if old == 0 else 0.7 * old + 0.3 * per
         return Draft(tokens, None if params.greedy else np.stack(q_rows))
 
+    prepares = True
+
+    def prepare(self, context: Sequence[int]) -> None:
+        """Prefill the prompt into the draft model's cache (the first draft then needs only
+        the first token)."""
+        if len(context) > 1:
+            self._sync(context)
+
     def warm_up(self, context: Sequence[int]) -> None:
         for _ in range(2):  # the first pass allocates; the second measures
             self.propose(context, 4, SamplingParams(), Sequential(0))

@@ -121,15 +121,18 @@ class RemoteVerifier(Verifier):
 
     # ---- the Verifier protocol ----
 
-    def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
+    def open(
+        self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, first: bool = False
+    ) -> int | None:
         """Open a session with the committed ids on the server in use; if it is gone or
-        full, on the next ones in turn (VerifierUnavailable names each one and why)."""
+        full, on the next ones in turn (VerifierUnavailable names each one and why). With
+        ``first`` the server's prefill decides the first new token, returned."""
         self._shutdown_call()
         while True:
             try:
-                self._open_on(self.link, prompt_ids, params, seed)
+                token = self._open_on(self.link, prompt_ids, params, seed, first)
                 self.failover.ok()
-                return
+                return token
             except (SessionGone, ServerFull) as e:
                 log.info("opening on %s failed (%s); trying the next server", self.link.address, e)
                 self._shutdown_call()
@@ -144,8 +147,13 @@ class RemoteVerifier(Verifier):
         self.reconnects += 1
 
     def _open_on(
-        self, link: Link, prompt_ids: Sequence[int], params: SamplingParams, seed: int
-    ) -> None:
+        self,
+        link: Link,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        seed: int,
+        first: bool = False,
+    ) -> int | None:
         self._sendq = queue.Queue()
         pending: deque[tuple[Future[Outcome], list[list[int]], bool]] = deque()
         with self._lock:  # each stream answers its own rounds only
@@ -156,6 +164,7 @@ class RemoteVerifier(Verifier):
                 sampling=wire.sampling_to_pb(params),
                 seed=seed,
                 tokenizer_fingerprint=self.tokenizer.fingerprint(),
+                first_token=first,
             )
         )
         self._send(first)
@@ -172,6 +181,7 @@ class RemoteVerifier(Verifier):
             raise SessionGone("the server did not answer Open with Opened")
         self.session_id, self.join_token = msg.opened.session_id, msg.opened.join_token
         threading.Thread(target=self._read, args=(call, pending), daemon=True).start()
+        return msg.opened.first_token if msg.opened.HasField("first_token") else None
 
     @staticmethod
     def _requests(q: queue.Queue) -> Iterator[pb.ClientMsg]:

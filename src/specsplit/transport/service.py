@@ -244,6 +244,8 @@ class VerifierService(pb_grpc.VerifierServicer):
             committed_ids=member.snapshot[0] if member.joined else [],
             load_micros=int(self.scheduler.load_hint() * wire.MICROS),
         )
+        if not member.joined and served.state.first is not None:
+            opened.first_token = served.state.first
         yield self._out(pb.ServerMsg(opened=opened))
         reader = threading.Thread(
             target=self._read,
@@ -295,7 +297,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         self._check_client(req.tokenizer_fingerprint, context)
         try:
             params = wire.sampling_from_pb(req.sampling)
-            served = self.scheduler.open(list(req.prompt_ids), params, int(req.seed))
+            served = self.scheduler.open(
+                list(req.prompt_ids), params, int(req.seed), first=req.first_token
+            )
         except SpecsplitError as e:
             self._refuse_error(context, e)
         remaining = context.time_remaining()

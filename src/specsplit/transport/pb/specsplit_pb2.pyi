@@ -57,20 +57,22 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., min_p: _Optional[float] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("prompt_ids", "sampling", "seed", "tokenizer_fingerprint", "join_session_id", "join_token")
+    __slots__ = ("prompt_ids", "sampling", "seed", "tokenizer_fingerprint", "join_session_id", "join_token", "first_token")
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     JOIN_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: Sampling
     seed: int
     tokenizer_fingerprint: str
     join_session_id: str
     join_token: str
-    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., join_session_id: _Optional[str] = ..., join_token: _Optional[str] = ...) -> None: ...
+    first_token: bool
+    def __init__(self, prompt_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., seed: _Optional[int] = ..., tokenizer_fingerprint: _Optional[str] = ..., join_session_id: _Optional[str] = ..., join_token: _Optional[str] = ..., first_token: _Optional[bool] = ...) -> None: ...
 
 class QRow(_message.Message):
     __slots__ = ("ids", "counts")
@@ -113,18 +115,20 @@ class ClientMsg(_message.Message):
     def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "join_token", "version", "committed_ids", "load_micros")
+    __slots__ = ("session_id", "join_token", "version", "committed_ids", "load_micros", "first_token")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     JOIN_TOKEN_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     COMMITTED_IDS_FIELD_NUMBER: _ClassVar[int]
     LOAD_MICROS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     join_token: str
     version: int
     committed_ids: _containers.RepeatedScalarFieldContainer[int]
     load_micros: int
-    def __init__(self, session_id: _Optional[str] = ..., join_token: _Optional[str] = ..., version: _Optional[int] = ..., committed_ids: _Optional[_Iterable[int]] = ..., load_micros: _Optional[int] = ...) -> None: ...
+    first_token: int
+    def __init__(self, session_id: _Optional[str] = ..., join_token: _Optional[str] = ..., version: _Optional[int] = ..., committed_ids: _Optional[_Iterable[int]] = ..., load_micros: _Optional[int] = ..., first_token: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("version", "dropped", "n_accepted", "next_token", "chain", "accepted_ids", "verify_micros", "queue_micros", "batch_size", "load_micros")
