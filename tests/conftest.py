@@ -1,8 +1,71 @@
-"""Shared fixtures: tiny toy language models for the math tests."""
+"""Shared fixtures: tiny toy language models for the math tests, tiny transformers models,
+and SmolLM2-135M fetched once per session into the cache in use."""
 
 from __future__ import annotations
 
+import contextlib
+import sys
+from pathlib import Path
+
 import numpy as np
+import pytest
+
+SMOLLM2 = "smollm2-135m"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(request: pytest.FixtureRequest) -> Path:
+    """SmolLM2-135M's GGUF in the cache in use (``$SPECSPLIT_CACHE``), fetched once per session.
+
+    Every test that uses SmolLM2, in process or through a `specsplit` subprocess, asks for this
+    first, so no test's output (such as the fetch progress a first use prints on standard
+    error) depends on what an earlier test or run left in the cache. On an empty cache the
+    progress is shown live, since the fetch can take a minute.
+    """
+    from specsplit import registry
+
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def log(line: str) -> None:
+        live = capture.global_and_fixture_disabled() if capture else contextlib.nullcontext()
+        with live:
+            print(f"\n[tests] {line.strip()}", file=sys.stderr, flush=True)
+
+    return registry.fetch(SMOLLM2, log=log)
+
+
+# ---- the default run fetches no model but SmolLM2 (the Qwen models are for slow tests) ----
+
+_running: list[pytest.Item] = []  # the test being set up, run or torn down
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _running.append(item)
+    try:
+        yield
+    finally:
+        _running.pop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _qwen_only_in_slow_tests():
+    """registry.fetch refuses the Qwen models in a test not marked slow (module fixtures
+    included); `.ci/run` checks the same for subprocesses by what lands in its empty cache."""
+    from specsplit import registry
+
+    real = registry.fetch
+
+    def fetch(name: str, *args, **kw):
+        test = _running[-1] if _running else None
+        big = name in registry.MODELS and name != SMOLLM2
+        if big and test is not None and not test.get_closest_marker("slow"):
+            pytest.fail(f"{test.nodeid} fetches {name}: mark it slow", pytrace=False)
+        return real(name, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(registry, "fetch", fetch)
+        yield
 
 
 class ToyLM:

@@ -12,18 +12,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(*args: str, env_cache: Path | None = None) -> subprocess.CompletedProcess:
-    env = None
-    if env_cache is not None:
-        import os
-
-        env = {**os.environ, "SPECSPLIT_CACHE": str(env_cache)}
+def run(*args: str) -> subprocess.CompletedProcess:
+    """`specsplit ARGS` in a subprocess (same environment, so the same model cache)."""
     return subprocess.run(
         [sys.executable, "-m", "specsplit.faces.cli", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
-        env=env,
         timeout=600,
     )
 
@@ -82,11 +77,12 @@ def test_missing_model_file():
     ],
 )
 def test_invalid_settings(flags, needle):
+    """Refused before any model is looked up: the target file does not even exist."""
     r = run(
         "generate",
         "hi",
         "--target",
-        "smollm2-135m",
+        "/nonexistent/model.gguf",
         "--target-backend",
         "llama.cpp",
         "--draft",
@@ -97,7 +93,7 @@ def test_invalid_settings(flags, needle):
 
 
 @pytest.mark.integration
-def test_prompt_longer_than_context():
+def test_prompt_longer_than_context(smollm2_gguf):
     r = run(
         "generate",
         "word " * 200,
@@ -113,8 +109,30 @@ def test_prompt_longer_than_context():
     assert_one_line_error(r, "context")
 
 
+@pytest.fixture(scope="module")
+def foreign_draft(tmp_path_factory) -> Path:
+    """A transformers folder with a tiny random Llama and a word-level tokenizer: a drafter
+    whose vocabulary is not SmolLM2's, built here (nothing fetched)."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import tiny_llama
+
+    words = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(297))]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    folder = tmp_path_factory.mktemp("foreign-draft")
+    tiny_llama(vocab=len(words), dtype=torch.float32).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 @pytest.mark.integration
-def test_vocabularies_that_do_not_match():
+def test_vocabularies_that_do_not_match(smollm2_gguf, foreign_draft):
     r = run(
         "generate",
         "hi",
@@ -123,9 +141,9 @@ def test_vocabularies_that_do_not_match():
         "--target-backend",
         "llama.cpp",
         "--draft",
-        "qwen2.5-coder-0.5b",
+        str(foreign_draft),
         "--draft-backend",
-        "llama.cpp",
+        "torch",
     )
     assert_one_line_error(r, "vocabularies do not match")
 
@@ -145,7 +163,7 @@ def test_wrong_sha256(tmp_path, monkeypatch):
 
 
 @pytest.mark.integration
-def test_generate_json_last_line_has_statistics():
+def test_generate_json_last_line_has_statistics(smollm2_gguf):
     r = run(
         "generate",
         "Write a haiku about the sea.",
@@ -181,7 +199,7 @@ def test_generate_json_last_line_has_statistics():
 
 
 @pytest.mark.integration
-def test_serve_and_generate_with_server(tmp_path):
+def test_serve_and_generate_with_server(smollm2_gguf, tmp_path):
     """`specsplit serve` in one process, `specsplit generate --server` in another: the text
     equals the target's own greedy text; the statistics carry the wire figures; a wrong
     token and a missing server are one-line errors."""

@@ -31,7 +31,7 @@ TEXT = "The quick brown fox jumps over the lazy dog. Once upon a time, there was
 
 
 @pytest.fixture(scope="module")
-def backend():
+def backend(smollm2_gguf):
     b = LlamaCppBackend.load(MODEL, n_ctx=1024, threads=2)
     yield b
     b.close()

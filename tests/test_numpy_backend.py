@@ -349,13 +349,11 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def smollm2():
+def smollm2(smollm2_gguf):
     """(NumpyBackend, transformers float32 model, transformers tokenizer) of the same GGUF."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from specsplit import registry
-
-    path = registry.resolve_gguf("smollm2-135m")
+    path = smollm2_gguf
     backend = NumpyBackend.load("smollm2-135m")
     kw = {"gguf_file": path.name}
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw).eval()
