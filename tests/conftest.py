@@ -34,6 +34,16 @@ def smollm2_gguf(request: pytest.FixtureRequest) -> Path:
     return registry.fetch(SMOLLM2, log=log)
 
 
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf: Path) -> Path:
+    """``smollm2_gguf``, and its float32 conversion for the torch backend in the cache in use,
+    made here once: `specsplit` processes started together then do not each convert it."""
+    from specsplit.backends.torch_backend import TorchBackend
+
+    TorchBackend.load(SMOLLM2).close()
+    return smollm2_gguf
+
+
 # ---- the default run fetches no model but SmolLM2 (the Qwen models are for slow tests) ----
 
 _running: list[pytest.Item] = []  # the test being set up, run or torn down
