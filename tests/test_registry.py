@@ -40,12 +40,13 @@ def answering_hub(monkeypatch):
 
 @pytest.fixture
 def closed_hub(monkeypatch):
-    """HF_ENDPOINT set to a loopback port nobody listens on."""
+    """HF_ENDPOINT set to a loopback port held bound but not listening: connections are
+    refused, and no other process can take the port meanwhile."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        yield
 
 
 @pytest.fixture
