@@ -349,15 +349,16 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def smollm2(smollm2_gguf):
-    """(NumpyBackend, transformers float32 model, transformers tokenizer) of the same GGUF."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def smollm2(smollm2_converted):
+    """(NumpyBackend, transformers float32 model, transformers tokenizer, path) of the same
+    GGUF. The transformers pair is transformers' own de-quantization of the GGUF, as the torch
+    backend cached it (safetensors, bit-identical to a fresh ``from_pretrained(gguf_file=)``):
+    the session converts SmolLM2 once instead of once per file."""
+    from specsplit.backends.torch_backend import TorchBackend
 
-    path = smollm2_gguf
     backend = NumpyBackend.load("smollm2-135m")
-    kw = {"gguf_file": path.name}
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), dtype=torch.float32, **kw).eval()
-    return backend, hf, AutoTokenizer.from_pretrained(str(path.parent), **kw), path
+    hf = TorchBackend.load("smollm2-135m", dtype="float32")
+    return backend, hf.model, hf.tokenizer.hf, smollm2_converted
 
 
 @pytest.mark.integration
