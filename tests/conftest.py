@@ -1,5 +1,12 @@
 """Shared fixtures: tiny toy language models for the math tests, tiny transformers models,
-and SmolLM2-135M fetched once per session into the cache in use."""
+and SmolLM2-135M fetched once per session into the cache in use.
+
+Rules that keep the default run correct on a fresh machine and short (`.ci/run` checks the
+first two): a test that uses SmolLM2, in process or through a `specsplit` subprocess, asks
+for ``smollm2_gguf`` (or ``smollm2_converted`` for the torch backend); a test that needs a
+Qwen model, or takes minutes, is marked slow; a model is loaded once per file (module
+fixtures), and servers listen on port 0.
+"""
 
 from __future__ import annotations
 
