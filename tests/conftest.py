@@ -51,6 +51,18 @@ def smollm2_converted(smollm2_gguf: Path) -> Path:
     return smollm2_gguf
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Every test file starts with PyTorch on one intra-op thread (a fixture that loads a real
+    model with ``threads=N`` sets its own). The tiny models gain nothing from more, and on a
+    shared CPU two spinning OpenMP threads lose a lot: the sampled-distribution tests of
+    test_engine_exact took 588 s on two threads against 41 s on one, at the same load. It also
+    keeps one file's thread setting from leaking into the next."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 # ---- the default run fetches no model but SmolLM2 (the Qwen models are for slow tests) ----
 
 _running: list[pytest.Item] = []  # the test being set up, run or torn down

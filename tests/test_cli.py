@@ -216,6 +216,8 @@ def test_generate_json_last_line_has_statistics(smollm2_gguf):
         "24",
         "--k",
         "3",
+        "--target-threads",
+        "1",
         "--json",
     )
     assert r.returncode == 0, r.stderr

@@ -38,14 +38,14 @@ PROMPTS = [
 def torch_target(smollm2_gguf):
     from specsplit.backends.torch_backend import TorchBackend
 
-    return TorchBackend.load("smollm2-135m", threads=2)
+    return TorchBackend.load("smollm2-135m", threads=1)
 
 
 @pytest.fixture(scope="module")
 def llama_target(smollm2_gguf):
     from specsplit.backends.llamacpp_backend import LlamaCppBackend
 
-    return LlamaCppBackend.load("smollm2-135m", n_ctx=2048, threads=2)
+    return LlamaCppBackend.load("smollm2-135m", n_ctx=2048, threads=1)
 
 
 @pytest.fixture(scope="module")
