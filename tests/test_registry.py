@@ -76,7 +76,7 @@ def test_unreachable_hub_is_skipped_at_once(closed_hub, fake_download, tmp_path)
     t0 = time.perf_counter()
     assert not registry.hub_reachable()
     assert registry._from_hub(QWEN, tmp_path) is None
-    assert time.perf_counter() - t0 < 2.0
+    assert time.perf_counter() - t0 < 5.0  # huggingface_hub retrying would take ~30 s
     assert fake_download[0] == []  # huggingface_hub was never asked
 
 
@@ -88,7 +88,7 @@ def test_silent_hub_times_out(monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{s.getsockname()[1]}")
         t0 = time.perf_counter()
         assert not registry.hub_reachable(timeout=0.5)
-        assert time.perf_counter() - t0 < 1.5
+        assert time.perf_counter() - t0 < 3.0
 
 
 def test_answering_hub_is_used_and_its_warnings_are_not_printed(
