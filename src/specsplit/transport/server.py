@@ -24,8 +24,7 @@ from specsplit.errors import ConfigError
 from specsplit.proposers.base import Proposer
 from specsplit.transport.http_face import HTTPFace
 from specsplit.transport.link import MAX_MESSAGE
-from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
-from specsplit.transport.service import VerifierService
+from specsplit.transport.service import VerifierService, add_to_server
 
 log = logging.getLogger("specsplit.server")
 
@@ -139,7 +138,7 @@ class SpecsplitServer:
             ],
             maximum_concurrent_rpcs=rpcs,
         )
-        pb_grpc.add_VerifierServicer_to_server(self.service, self.grpc)
+        add_to_server(self.service, self.grpc)
         address = f"{c.host}:{c.port}"
         if c.tls_cert is not None:
             creds = grpc.ssl_server_credentials([(c.tls_key, c.tls_cert)])
