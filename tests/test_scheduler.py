@@ -4,6 +4,7 @@ decoding sessions."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Sequence
 
@@ -91,6 +92,45 @@ def test_long_prompt_is_prefilled_in_chunks_between_rounds(setup):
         assert verdicts >= 5  # the decoding session kept going while the prompt was prefilled
         assert long.state.cached == len(PROMPT) * 40 - 1
     finally:
+        sch.stop()
+
+
+def test_sessions_with_rounds_queued_do_not_starve_the_others(setup):
+    """More sessions with rounds waiting than a pass takes: the oldest waiting rounds go first.
+    Sessions that always have a round queued (clients drafting ahead) must not keep a later
+    session's round waiting for as long as they run."""
+    tok, model, _ = setup
+    sch = _scheduler(model, tok, max_batch=1)
+    busy = [sch.open(PROMPT, GREEDY, i) for i in range(2)]
+    late = sch.open(PROMPT[:8], GREEDY, 2)
+    for s in [*busy, late]:
+        s.ready.result(10)
+    stop = False
+
+    def hog(s) -> None:  # two rounds queued at all times
+        futs = [sch.submit(s, [], 0), sch.submit(s, [], 1)]
+        version = 2
+        while not stop and version < 200:
+            futs.pop(0).result(10)
+            futs.append(sch.submit(s, [], version))
+            version += 1
+        for f in futs:
+            f.result(10)
+
+    threads = [threading.Thread(target=hog, args=(s,)) for s in busy]
+    try:
+        for t in threads:
+            t.start()
+        while sch.stats.passes < 6:  # the hogs are under way
+            time.sleep(0.01)
+        passes = sch.stats.passes
+        sch.submit(late, [], 0).result(30)
+        # one pass per round: the late round waits for at most the rounds queued before it
+        assert sch.stats.passes - passes <= 5
+    finally:
+        stop = True
+        for t in threads:
+            t.join()
         sch.stop()
 
 

@@ -1,7 +1,8 @@
 """Many sessions, one target: rounds from different users verified in one batched pass.
 
 One thread owns the target backend. Sessions (``VerifySession``) submit rounds; each turn
-of the loop takes the oldest round of every session that has one (up to ``max_batch``),
+of the loop takes the oldest round of every session that has one (up to ``max_batch``, those
+that waited longest first),
 runs a single ``forward_batch`` over all of them (sessions of different lengths and
 different K in the same pass), decides each verdict and answers each future. Between
 batches it prefills at most one chunk of one new prompt, so a long prompt does not stall
@@ -245,6 +246,9 @@ class BatchScheduler:
         with self._cv:
             live = [s for s in self.sessions.values() if not s.closed]
         batch = [s for s in live if s.jobs and s.ready.done() and not s.state.missing()]
+        # the oldest waiting rounds first: sessions that always have a round queued (clients
+        # drafting ahead) must not keep the others waiting
+        batch.sort(key=lambda s: s.jobs[0].t_submit)
         batch = batch[: self.max_batch]
         if batch:
             self._verify(batch)
