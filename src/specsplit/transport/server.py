@@ -29,8 +29,7 @@ from specsplit.transport.http_face.metrics import server_registry
 from specsplit.transport.http_face.status import DrafterTally, server_status
 from specsplit.transport.keys import Keys
 from specsplit.transport.link import MAX_MESSAGE
-from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
-from specsplit.transport.service import VerifierService
+from specsplit.transport.service import VerifierService, add_to_server
 
 log = logging.getLogger("specsplit.server")
 
@@ -153,7 +152,7 @@ class SpecsplitServer:
             ],
             maximum_concurrent_rpcs=rpcs,
         )
-        pb_grpc.add_VerifierServicer_to_server(self.service, self.grpc)
+        add_to_server(self.service, self.grpc)
         address = f"{c.host}:{c.port}"
         if c.tls_cert is not None:
             creds = grpc.ssl_server_credentials([(c.tls_key, c.tls_cert)])

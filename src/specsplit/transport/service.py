@@ -18,6 +18,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from specsplit.backends.vocab_file import vocab_blob
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
@@ -60,6 +61,59 @@ def reason_of(e: BaseException) -> str:
     """The one-line reason for an engine error ("server full: ..." where another server may
     serve: clients then try their next one)."""
     return f"{wire.FULL} {e}" if isinstance(e, ServerFull) else str(e)
+
+
+class Malformed:
+    """A request whose bytes do not decode as its message (refused with INVALID_ARGUMENT).
+
+    gRPC answers a request its deserializer cannot parse with INTERNAL ("Exception
+    deserializing request!"), which clients read as a server failure and retry elsewhere; the
+    service's deserializers hand this over instead, and the servicer refuses it."""
+
+    def __init__(self, message: str, error: DecodeError) -> None:
+        self.reason = f"malformed {message} message: {' '.join(str(error).split())}"
+
+
+def _lenient(cls: type) -> Callable[[bytes], object]:
+    """cls.FromString, but undecodable bytes give a ``Malformed`` instead of an exception."""
+
+    def parse(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(cls.DESCRIPTOR.name, e)
+
+    return parse
+
+
+def add_to_server(service: VerifierService, server: grpc.Server) -> None:
+    """Register the service's RPCs (as the generated ``add_VerifierServicer_to_server`` does,
+    with deserializers that let the servicer refuse undecodable bytes itself)."""
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(
+            service.Handshake,
+            request_deserializer=_lenient(pb.Hello),
+            response_serializer=pb.Welcome.SerializeToString,
+        ),
+        "Session": grpc.stream_stream_rpc_method_handler(
+            service.Session,
+            request_deserializer=_lenient(pb.ClientMsg),
+            response_serializer=pb.ServerMsg.SerializeToString,
+        ),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate,
+            request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateChunk.SerializeToString,
+        ),
+        "Vocabulary": grpc.unary_stream_rpc_method_handler(
+            service.Vocabulary,
+            request_deserializer=_lenient(pb.VocabularyRequest),
+            response_serializer=pb.VocabularyChunk.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class Refused(Exception):
@@ -161,6 +215,10 @@ class VerifierService(pb_grpc.VerifierServicer):
             self._refuse_error(context, e)
         return p
 
+    def _check_decoded(self, msg: object, context: grpc.ServicerContext) -> None:
+        if isinstance(msg, Malformed):
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, msg.reason)
+
     def _take_stream(self, context: grpc.ServicerContext) -> None:
         if not self.streams.take(context):
             self._refuse(
@@ -186,6 +244,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     # ---- Handshake ----
 
     def Handshake(self, request: pb.Hello, context: grpc.ServicerContext) -> pb.Welcome:
+        self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         if request.protocol_version != wire.PROTOCOL_VERSION:
             self._refuse(
@@ -225,6 +284,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     ) -> Iterator[pb.ServerMsg]:
         self._take_stream(context)
         first = next(request_iterator, None)
+        self._check_decoded(first, context)
         if first is None or first.WhichOneof("msg") != "open":
             self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Open"
@@ -335,6 +395,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         vocab = self.scheduler.target.vocab_size
         try:
             for msg in requests:
+                if isinstance(msg, Malformed):
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, msg.reason)
                 self.counters.add(msg.ByteSize() + wire.GRPC_FRAME)
                 kind = msg.WhichOneof("msg")
                 if kind == "close":
@@ -373,6 +435,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     def Vocabulary(
         self, request: pb.VocabularyRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.VocabularyChunk]:
+        self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         if request.tokenizer_fingerprint not in ("", self.fingerprint):
             self._refuse(
@@ -408,6 +471,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateChunk]:
+        self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         self._take_stream(context)
         principal = self._principal(context)

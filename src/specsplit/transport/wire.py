@@ -42,11 +42,11 @@ def sampling_to_pb(p: SamplingParams) -> pb.Sampling:
 
 def sampling_from_pb(m: pb.Sampling) -> SamplingParams:
     """Validated settings, exactly the sender's values (doubles); top_p 0 means off, as an
-    unset proto3 field reads 0."""
+    unset proto3 field reads 0 (only 0: a negative or NaN top_p is refused, not read as off)."""
     return SamplingParams(
         temperature=float(m.temperature),
         top_k=int(m.top_k),
-        top_p=float(m.top_p) if m.top_p > 0 else 1.0,
+        top_p=float(m.top_p) if m.top_p != 0 else 1.0,
         min_p=float(m.min_p),
     )
 
