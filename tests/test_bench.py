@@ -197,27 +197,6 @@ def test_summary_counts_a_differing_run():
     assert s["speedup"]["median"] == pytest.approx(2.0)
 
 
-def test_llama_speculative_summary_is_parsed():
-    from specsplit.bench.systems import parse_llama_speculative
-
-    log = """
-encoded  143 tokens in    1.250 seconds, speed:  114.400 t/s
-decoded   64 tokens in    3.200 seconds, speed:   20.000 t/s
-
-n_draft   = 8
-n_predict = 64
-n_drafted = 80
-n_accept  = 52
-accept    = 65.000%
-"""
-    r = parse_llama_speculative(log)
-    assert r["new_tokens"] == 64 and r["total_s"] == pytest.approx(4.45)
-    assert r["time_to_first_token_s"] == pytest.approx(1.25)
-    assert r["tokens_per_s"] == pytest.approx(64 / 4.45)
-    assert (r["proposed"], r["accepted"]) == (80, 52)
-    assert r["acceptance_rate"] == pytest.approx(0.65)
-
-
 def test_a_differing_run_is_located_and_its_tie_measured():
     from specsplit.bench.ties import annotate, top2_gap
 

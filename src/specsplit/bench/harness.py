@@ -200,16 +200,18 @@ def _llama_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) ->
         lookup = 10 if which == "prompt-lookup" else 0
         out.append(LlamaCppPythonSystem(name, setup.gguf, threads, setup.target.n_ctx, lookup))
     if ns.llama_speculative:
+        if setup.gguf is None or setup.draft_gguf is None:
+            raise ConfigError("llama-speculative needs the target's and the draft's GGUF")
         out.append(
             LlamaSpeculativeSystem(
                 "llama-speculative",
-                "llama-speculative",
-                setup.draft_name,
+                drafter=setup.draft_name,
                 binary=ns.llama_speculative,
                 target_gguf=str(setup.gguf),
                 draft_gguf=str(setup.draft_gguf),
                 threads=threads,
-                detokenize=setup.target.tokenizer.decode,
+                n_ctx=getattr(setup.target, "n_ctx", 4096),
+                tokenizer=setup.target.tokenizer,
             )
         )
     else:
