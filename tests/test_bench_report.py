@@ -301,3 +301,8 @@ def test_added_systems_notes_and_llama_bench_in_report_and_readme(tmp_path):
     assert "| llama-speculative |" in section
     cmds = section.split("```")[1].strip().splitlines()
     assert cmds == [doc["command"], doc["added"][0]["command"]]
+    doc["added"][0]["machine"] = {**doc["machine"], "platform": "linux-2"}
+    assert (
+        "on a machine described otherwise (platform linux then, linux-2 now)"
+        in (br.added_lines(doc)[0])
+    )

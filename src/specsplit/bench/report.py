@@ -400,16 +400,26 @@ def _throughput_table(tp: dict) -> list[str]:
 def added_lines(doc: dict) -> list[str]:
     """One line per later run that added systems to finished prompts (``--resume``)."""
     base = _baseline(doc)
+    keys = ("cpus", "processor", "platform")
+    then = {k: (doc.get("machine") or {}).get(k) for k in keys}
     lines = []
     for a in doc.get("added") or []:
         names = ", ".join(f"`{n}`" for n in a.get("systems", []))
         load = (a.get("load_avg") or {}).get("start")
         at = f", 1-minute load {load[0]:.2f} at its start" if load else ""
+        now = {k: (a.get("machine") or {}).get(k) for k in keys}
+        where = (
+            "on the same machine"
+            if now == then or not a.get("machine")
+            else "on a machine described otherwise ("
+            + "; ".join(f"{k} {then[k]} then, {now[k]} now" for k in keys if now[k] != then[k])
+            + ")"
+        )
         lines.append(
             f"{names} added on {a.get('created', DASH)} by a later run with `--resume`{at}: "
             f"its speedup divides by `{base}` (the target alone) as measured in the original "
-            f"run ({doc.get('created', DASH)}) on the same machine, not interleaved with it "
-            "in the same minute."
+            f"run ({doc.get('created', DASH)}) {where}, not interleaved with it in the same "
+            "minute."
         )
     return lines
 
