@@ -468,6 +468,7 @@ def _machine() -> dict:
         "cpus": len(os.sched_getaffinity(0)),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "python": platform.python_version(),
     }
     try:  # the code that ran: commit, and whether the work tree differed from it
@@ -487,6 +488,18 @@ def _machine() -> dict:
         except Exception:  # noqa: BLE001 - an optional package
             out[mod] = None
     return out
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux), to tell machines apart."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+        None,
+    )
 
 
 def write_outputs(doc: dict, out: Path) -> None:

@@ -400,20 +400,22 @@ def _throughput_table(tp: dict) -> list[str]:
 def added_lines(doc: dict) -> list[str]:
     """One line per later run that added systems to finished prompts (``--resume``)."""
     base = _baseline(doc)
-    keys = ("cpus", "processor", "platform")
-    then = {k: (doc.get("machine") or {}).get(k) for k in keys}
+    then = doc.get("machine") or {}
     lines = []
     for a in doc.get("added") or []:
         names = ", ".join(f"`{n}`" for n in a.get("systems", []))
         load = (a.get("load_avg") or {}).get("start")
         at = f", 1-minute load {load[0]:.2f} at its start" if load else ""
-        now = {k: (a.get("machine") or {}).get(k) for k in keys}
+        now = a.get("machine") or {}
+        differ = [  # what both runs recorded of the machine, where it differs
+            f"{k} {then[k]} then, {now[k]} now"
+            for k in ("cpus", "cpu_model", "processor", "platform")
+            if k in then and k in now and then[k] != now[k]
+        ]
         where = (
-            "on the same machine"
-            if now == then or not a.get("machine")
-            else "on a machine described otherwise ("
-            + "; ".join(f"{k} {then[k]} then, {now[k]} now" for k in keys if now[k] != then[k])
-            + ")"
+            f"on a machine described otherwise ({'; '.join(differ)})"
+            if differ
+            else "on the same machine"
         )
         lines.append(
             f"{names} added on {a.get('created', DASH)} by a later run with `--resume`{at}: "
