@@ -40,6 +40,8 @@ def annotate(doc: dict, target, prompt_ids: dict[str, list[int]]) -> dict:  # no
     the document."""
     tol = TIE_TOLERANCE.get(doc["target"]["backend"], 0.0)
     for rec in doc["prompts"]:
+        if rec["id"] not in prompt_ids:  # kept from a resumed run, not among this run's prompts
+            continue
         base = rec["results"][doc["baseline"]]["token_ids"]
         div = dict(rec.get("divergence") or {})
         for name, equal in rec["greedy_equal"].items():
