@@ -84,7 +84,10 @@ class BatchScheduler:
         batch_window: float = 0.005,
         idle_timeout: float = 300.0,
         cost_shape: dict[int, float] | None = None,
+        id_prefix: str = "",
     ) -> None:
+        """``id_prefix`` begins every session id (a Ray replica's name: ids then say where
+        their session lives)."""
         if max_batch < 1 or max_sessions < 1 or max_draft < 0 or prefill_chunk < 1:
             raise ConfigError("max_batch, max_sessions, prefill_chunk must be >= 1, max_draft >= 0")
         self.target = target
@@ -99,6 +102,7 @@ class BatchScheduler:
             idle_timeout,
         )
         self.cost_shape = dict(cost_shape or {})
+        self.id_prefix = id_prefix
         self.stats = SchedulerStats()
         self.sessions: dict[str, Served] = {}
         self._closing: deque[tuple[Served, str]] = deque()
@@ -139,7 +143,7 @@ class BatchScheduler:
         with self._cv:
             if len(self.sessions) >= self.max_sessions:
                 raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
-            s = Served(secrets.token_hex(8), state, Future())
+            s = Served(self.id_prefix + secrets.token_hex(8), state, Future())
             self.sessions[s.id] = s
             self._cv.notify_all()
         return s

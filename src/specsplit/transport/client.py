@@ -4,7 +4,9 @@ Rounds go out on one bidirectional gRPC stream per session and their verdicts co
 order; a reader thread resolves each round's future. If the stream breaks (the server
 stopped, the network failed), pending rounds fail with ``SessionGone`` and the decoding loop
 calls ``open`` again with the token ids it has committed: the next server in the list (or
-the same one, once it is back) rebuilds the session from those ids, not from text.
+the same one, once it is back) rebuilds the session from those ids, not from text. A server
+that says the session moved (``SessionMoved``: a Ray replica going away) is left at once: a
+new handshake at the same address places the session on another replica.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 
 from specsplit.backends.base import Tokenizer
 from specsplit.engine.verifier import Outcome, Verifier
-from specsplit.errors import ModelError, ServerFull, SessionGone, SpecsplitError
+from specsplit.errors import ModelError, ServerFull, SessionGone, SessionMoved, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.randomness import drafter_uniform
 from specsplit.sampling import SamplingParams
@@ -123,8 +125,12 @@ class RemoteVerifier(Verifier):
 
     def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
         """Open a session with the committed ids on the server in use; if it is gone or
-        full, on the next ones in turn (VerifierUnavailable names each one and why)."""
+        full, on the next ones in turn (VerifierUnavailable names each one and why). If the
+        last stream ended with "session moved", handshake again first (a new placement)."""
+        moved = isinstance(self._ended, SessionMoved)
         self._shutdown_call()
+        if moved:
+            self._relink()
         while True:
             try:
                 self._open_on(self.link, prompt_ids, params, seed)
@@ -271,7 +277,7 @@ def join_and_draft(
     """Join another client's session as one more drafter: draft k tokens (at most the
     server's max_draft) for every round until the session ends. Returns the rounds this
     drafter took part in."""
-    link = Link(server, tokenizer.fingerprint(), auth_token, None, None, 10.0)
+    link = Link(server, tokenizer.fingerprint(), auth_token, None, None, 10.0, session_id)
     k = min(k, link.welcome.max_draft)
     sendq: queue.Queue = queue.Queue()
     sendq.put(
