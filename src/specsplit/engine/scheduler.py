@@ -129,6 +129,11 @@ class BatchScheduler:
         for s in list(self.sessions.values()):
             self._end(s, "server stopping")
 
+    @property
+    def running(self) -> bool:
+        """True while the loop thread is alive (a health check)."""
+        return self._running and self._thread is not None and self._thread.is_alive()
+
     # ---- what sessions call (any thread) ----
 
     def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> Served:

@@ -77,6 +77,7 @@ class RemoteVerifier(Verifier):
         self.session_id = ""
         self.join_token = ""
         self.reconnects = 0
+        self.moved = 0  # sessions the server told to move (each one resumed elsewhere)
         self._bytes_out = self._bytes_in = 0
         self._call = None
         self._sendq: queue.Queue | None = None
@@ -130,6 +131,7 @@ class RemoteVerifier(Verifier):
         moved = isinstance(self._ended, SessionMoved)
         self._shutdown_call()
         if moved:
+            self.moved += 1
             self._relink()
         while True:
             try:
