@@ -81,10 +81,10 @@ def metrics_url() -> str:
 
 def run(spec: ClusterSpec) -> int:
     """The command: deploy, serve until SIGINT or SIGTERM, stop (see the module docstring)."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     start_ray(spec)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # (after ray.init, which installs its own)
+        signal.signal(sig, lambda *_: stop.set())
     try:
         start_serve(spec)
         deploy(spec)
