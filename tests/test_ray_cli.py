@@ -103,3 +103,13 @@ def test_serve_ray_generate_and_stop(tmp_path):
     while any(alive(p) for p in started) and time.time() < end:
         time.sleep(0.5)
     assert not [p for p in started if alive(p)], "processes the command started outlived it"
+
+
+def test_plain_serve_and_the_client_never_import_ray():
+    code = (
+        "import sys, specsplit.faces.cli, specsplit.faces.serve, specsplit.transport.server, "
+        "specsplit.transport.client, specsplit.faces.api; "
+        "specsplit.faces.cli.build_parser(); print('ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "False", out.stderr

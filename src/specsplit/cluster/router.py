@@ -3,24 +3,19 @@
 A handshake carrying a session id (a drafter joining that session: metadata ``session_id``)
 goes to the replica whose name begins the id (session ids are ``<replica>.<hex>``); the
 replica refuses a session it does not hold anyway (NOT_FOUND). Anything else opens a session,
-so it goes to the replicas with the most free session slots: each replica's routing stats
+so it goes to the replica with the most free session slots: each replica's routing stats
 (``sessions``, ``max_sessions``, taken every ``request_routing_stats_period_s``) minus what
-this router placed there since; a replica without stats yet (just started) counts as empty.
-A draining replica comes last. Serve then picks, within a
-rank, the replica with the fewest ongoing Serve requests.
+this router placed there since (counted when it ranks a replica first, so that handshakes
+arriving together spread out); a replica without stats yet (just started) counts as empty;
+ties are broken at random; a draining replica comes last.
 """
 
 from __future__ import annotations
 
+import random
 from collections.abc import Hashable, Mapping
 
-from ray.serve.request_router import (
-    PendingRequest,
-    ReplicaID,
-    ReplicaResult,
-    RequestRouter,
-    RunningReplica,
-)
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 
 def owner_name(session_id: str) -> str:
@@ -73,15 +68,13 @@ class SessionRouter(RequestRouter):
         )
         room = {rid: self._room(r, cap) for rid, r in by_id.items()}
         draining = {rid for rid, r in by_id.items() if (r.routing_stats or {}).get("draining")}
-        return [[by_id[rid] for rid in group] for group in ranks(room, draining)]
+        order = [rid for group in ranks(room, draining) for rid in random.sample(group, len(group))]
+        if order:
+            self._count(by_id[order[0]])  # (Serve takes the first rank unless it is busy)
+        return [[by_id[rid]] for rid in order]
 
-    def on_request_routed(
-        self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult
-    ) -> None:
-        """Count a new session against the replica until its next stats."""
-        if owner_name(pending_request.metadata.session_id):
-            return
-        r = self.curr_replicas.get(replica_id)
-        stamp = (r.routing_stats or {}).get("t") if r is not None else None
-        old_stamp, placed = self._placed.get(replica_id, (stamp, 0))
-        self._placed[replica_id] = (stamp, placed + 1 if old_stamp == stamp else 1)
+    def _count(self, r: RunningReplica) -> None:
+        """One more session placed on r, until its next stats."""
+        stamp = (r.routing_stats or {}).get("t")
+        old, placed = self._placed.get(r.replica_id, (stamp, 0))
+        self._placed[r.replica_id] = (stamp, placed + 1 if old == stamp else 1)

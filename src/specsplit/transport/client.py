@@ -127,11 +127,14 @@ class RemoteVerifier(Verifier):
     def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> None:
         """Open a session with the committed ids on the server in use; if it is gone or
         full, on the next ones in turn (VerifierUnavailable names each one and why). If the
-        last stream ended with "session moved", handshake again first (a new placement)."""
-        moved = isinstance(self._ended, SessionMoved)
+        last stream ended with "session moved", or broke on a replica the handshake placed it
+        on (a Ray deployment), handshake again first: a new placement."""
+        ended = self._ended
         self._shutdown_call()
-        if moved:
+        if isinstance(ended, SessionMoved):
             self.moved += 1
+        placed = self.link.session_address != self.link.address
+        if isinstance(ended, SessionMoved) or (ended is not None and placed):
             self._relink()
         while True:
             try:
