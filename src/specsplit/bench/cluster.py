@@ -89,6 +89,7 @@ class Deployment:
             object_store_memory=200 << 20,
             runtime_env=self.spec.runtime_env(),
             log_to_driver=False,
+            _system_config={"metrics_report_interval_ms": 1000},  # (Ray's default: 10 s)
         )
         launch.start_serve(self.spec)
         launch.deploy(self.spec, timeout=1800)
@@ -112,11 +113,13 @@ class Deployment:
             time.sleep(1.0)
 
     def counters(self) -> dict[str, dict[str, float]]:
-        """Per replica: passes and rounds (Ray's metrics, updated every 2 s)."""
+        """Per replica: passes and rounds (Ray's metrics: the replica sets its gauges every
+        2 s, Ray reports them every 1 s; read after both)."""
         import urllib.request
 
         from specsplit.cluster.launch import metrics_url
 
+        time.sleep(4.0)
         with urllib.request.urlopen(metrics_url(), timeout=10) as r:
             text = r.read().decode()
         out: dict[str, dict[str, float]] = {}
@@ -128,7 +131,6 @@ class Deployment:
         return out
 
     def total_counters(self) -> dict[str, float]:
-        time.sleep(2.5)  # (one gauge update)
         per = self.counters()
         return {
             k: sum(c.get(k, 0.0) for c in per.values()) for k in ("passes_total", "rounds_total")
