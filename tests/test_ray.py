@@ -230,6 +230,40 @@ def test_draft_model_drafter_equals_the_target_alone(cluster, target, prompts, r
     draft.close()
 
 
+def test_sampled_drafts_replay_through_the_deployment(cluster, target, prompts):
+    """A sampled request (the drafter's q crosses quantized) with a fixed K and a seed gives
+    the same text twice, wherever it is placed; the drafts were verified, some accepted."""
+    from specsplit.backends.llamacpp_backend import LlamaCppBackend
+    from specsplit.sampling import SamplingParams
+
+    draft = LlamaCppBackend.load(MODEL, n_ctx=1024, threads=1)
+    params = SamplingParams(temperature=0.8, top_k=40)
+    runs = []
+    for _ in range(2):
+        loop = edge(cluster, draft.tokenizer, DraftModelProposer(draft, quantize=True), k=3)
+        runs.append(loop.generate(GenerationRequest(prompts[4], N_NEW, params, seed=11)))
+        loop.verifier.shutdown()
+    draft.close()
+    assert runs[0].token_ids == runs[1].token_ids
+    assert runs[0].stats.proposed > 0 and runs[0].stats.accepted > 0
+
+
+def test_the_vocabulary_comes_from_the_replica(cluster, target):
+    """A client without a model takes the target's tokenizer: the Vocabulary call goes to
+    the replica the handshake named (Serve's proxy refuses it, naming where to go)."""
+    v = RemoteVerifier([cluster.address], target.tokenizer, auth_token=TOKEN)
+    fp = v.link.welcome.tokenizer_fingerprint
+    req = pb.VocabularyRequest(tokenizer_fingerprint=fp)
+    blob = b"".join(c.data for c in v.link.stub.Vocabulary(req, metadata=v.link.metadata))
+    assert blob[:2] == b"\x1f\x8b"  # a gzip stream (a vocabulary-only GGUF)
+    with grpc.insecure_channel(cluster.address) as ch:
+        with pytest.raises(grpc.RpcError) as e:
+            list(pb_grpc.VerifierStub(ch).Vocabulary(req, metadata=v.link.metadata))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "session_address" in e.value.details()
+    v.shutdown()
+
+
 def test_a_joined_drafter_reaches_its_sessions_replica(cluster, target, prompts, reference):
     """Four owners at once (two sessions per replica); a drafter joins each one knowing only
     the proxy's address and the session id: its handshake is routed to the owner's replica,

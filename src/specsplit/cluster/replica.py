@@ -117,25 +117,26 @@ class SpecsplitReplica:
         return reply
 
     def _elsewhere(self, grpc_context) -> None:  # noqa: ANN001
-        grpc_context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
-        grpc_context.set_details(
+        """Refuse a streaming call through Serve's proxy (a status set on Serve's context
+        reaches the client with an error raised, not with a stream that yields nothing)."""
+        details = (
             "a Ray deployment serves sessions, Generate and Vocabulary at the address its "
             "handshake names (Welcome.session_address): handshake first"
         )
+        grpc_context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+        grpc_context.set_details(details)
+        raise RuntimeError(details)  # (a plain exception: it crosses to the proxy pickled)
 
     async def Session(self, request_stream, grpc_context):  # noqa: ANN001, ANN201
         self._elsewhere(grpc_context)
-        return
         yield  # (a stream)
 
     def Generate(self, request: pb.GenerateRequest, grpc_context):  # noqa: ANN001, ANN201
         self._elsewhere(grpc_context)
-        return
         yield  # (a stream)
 
     def Vocabulary(self, request: pb.VocabularyRequest, grpc_context):  # noqa: ANN001, ANN201
         self._elsewhere(grpc_context)
-        return
         yield  # (a stream)
 
     # ---- Serve's hooks ----
