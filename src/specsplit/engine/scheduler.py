@@ -85,7 +85,10 @@ class BatchScheduler:
         batch_window: float = 0.005,
         idle_timeout: float = 300.0,
         cost_shape: dict[int, float] | None = None,
+        id_prefix: str = "",
     ) -> None:
+        """``id_prefix`` begins every session id (a Ray replica's name: ids then say where
+        their session lives)."""
         if max_batch < 1 or max_sessions < 1 or max_draft < 0 or prefill_chunk < 1:
             raise ConfigError("max_batch, max_sessions, prefill_chunk must be >= 1, max_draft >= 0")
         self.target = target
@@ -100,6 +103,7 @@ class BatchScheduler:
             idle_timeout,
         )
         self.cost_shape = dict(cost_shape or {})
+        self.id_prefix = id_prefix
         self.stats = SchedulerStats()
         self.sessions: dict[str, Served] = {}
         self._closing: deque[tuple[Served, str]] = deque()
@@ -126,6 +130,11 @@ class BatchScheduler:
         for s in list(self.sessions.values()):
             self._end(s, "server stopping")
 
+    @property
+    def running(self) -> bool:
+        """True while the loop thread is alive (a health check)."""
+        return self._running and self._thread is not None and self._thread.is_alive()
+
     # ---- what sessions call (any thread) ----
 
     def open(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int) -> Served:
@@ -140,7 +149,7 @@ class BatchScheduler:
         with self._cv:
             if len(self.sessions) >= self.max_sessions:
                 raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
-            s = Served(secrets.token_hex(8), state, Future())
+            s = Served(self.id_prefix + secrets.token_hex(8), state, Future())
             self.sessions[s.id] = s
             self._cv.notify_all()
         return s

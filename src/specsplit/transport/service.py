@@ -3,7 +3,9 @@
 No decoding logic lives here: sessions and batching are the engine's ``BatchScheduler``;
 this module checks every message, maps errors to gRPC status codes with a one-line reason,
 and hands rounds to each session's ``hub.Hub``, which routes verdicts back to its client
-streams (several, when other drafters joined it with its id and join token).
+streams (several, when other drafters joined it with its id and join token). A server going
+away on purpose (``drain``) tells its open sessions to move and refuses new ones, with
+UNAVAILABLE and a reason beginning "session moved:" (``wire.MOVED``).
 """
 
 from __future__ import annotations
@@ -191,6 +193,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         # session streams (owners and joined drafters) and Generate calls at once
         self.streams = Streams(max_streams or 2 * scheduler.max_sessions)
         self.hubs: dict[str, Hub] = {}
+        self.moving: str | None = None  # "session moved: why", once drain() was called
         self._vocab: bytes | None = None
         self._vocab_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -219,6 +222,23 @@ class VerifierService(pb_grpc.VerifierServicer):
         if isinstance(msg, Malformed):
             self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, msg.reason)
 
+    def _refuse_if_moving(self, context: grpc.ServicerContext) -> None:
+        if self.moving is not None:
+            self._refuse(context, grpc.StatusCode.UNAVAILABLE, self.moving)
+
+    def drain(self, reason: str) -> int:
+        """Going away on purpose: from now on refuse handshakes, sessions and Generate calls
+        with "session moved: reason", and tell every open session stream (joined drafters
+        too) to move, after the verdicts of the rounds it already sent. Returns the number
+        of streams told. Their clients resume elsewhere from the token ids they hold."""
+        with self._lock:
+            self.moving = f"{wire.MOVED} {reason}"
+            members = [m for hub in self.hubs.values() for m in list(hub.members)]
+        for m in members:
+            m.out.put(Refused(grpc.StatusCode.UNAVAILABLE, self.moving))
+        log.info("draining reason=%r streams_told=%d", reason, len(members))
+        return len(members)
+
     def _take_stream(self, context: grpc.ServicerContext) -> None:
         if not self.streams.take(context):
             self._refuse(
@@ -246,6 +266,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     def Handshake(self, request: pb.Hello, context: grpc.ServicerContext) -> pb.Welcome:
         self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
+        self._refuse_if_moving(context)
         if request.protocol_version != wire.PROTOCOL_VERSION:
             self._refuse(
                 context,
@@ -283,6 +304,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         self, request_iterator: Iterator[pb.ClientMsg], context: grpc.ServicerContext
     ) -> Iterator[pb.ServerMsg]:
         self._take_stream(context)
+        self._refuse_if_moving(context)
         first = next(request_iterator, None)
         self._check_decoded(first, context)
         if first is None or first.WhichOneof("msg") != "open":
@@ -350,6 +372,11 @@ class VerifierService(pb_grpc.VerifierServicer):
                 self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "wrong join token")
             self._check_client(req.tokenizer_fingerprint, context)
             member = hub.join(joined=True)
+            with self._lock:  # drain() told this member, or it sees moving here
+                moving = self.moving
+            if moving is not None:
+                hub.leave(member)
+                self._refuse(context, grpc.StatusCode.UNAVAILABLE, moving)
             member.snapshot = hub.served.state.snapshot()
             return hub, member
         self._check_client(req.tokenizer_fingerprint, context)
@@ -372,7 +399,12 @@ class VerifierService(pb_grpc.VerifierServicer):
             self._refuse(context, grpc.StatusCode.CANCELLED, "client went away")
         hub = Hub(self.scheduler, served)
         with self._lock:
-            self.hubs[served.id] = hub
+            moving = self.moving  # (checked with the lock: drain() sees every hub or none)
+            if moving is None:
+                self.hubs[served.id] = hub
+        if moving is not None:
+            self.scheduler.close(served, moving)
+            self._refuse(context, grpc.StatusCode.UNAVAILABLE, moving)
         log.info(
             "session open id=%s peer=%s prompt_tokens=%d temperature=%g",
             served.id,
@@ -474,6 +506,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         self._take_stream(context)
+        self._refuse_if_moving(context)
         principal = self._principal(context)
         try:
             req = self.generation_request(request)
@@ -493,6 +526,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         for chunk in stream:
             if not context.is_active():
                 return
+            self._refuse_if_moving(context)  # (the client resumes elsewhere from what it has)
             msg = pb.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids)
             if first:  # the prompt as rendered here: a resume elsewhere sends these ids
                 msg.prompt_ids.extend(int(t) for t in req.prompt_ids)

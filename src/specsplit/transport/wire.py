@@ -26,6 +26,8 @@ Q_TOTAL = 1 << QUANT_BITS
 MICROS = 1e6
 GRPC_FRAME = 5  # bytes of gRPC framing per message (flag + length), for the byte counters
 FULL = "server full:"  # how a RESOURCE_EXHAUSTED reason begins when another server may serve
+MOVED = "session moved:"  # how an UNAVAILABLE reason begins when the server is going away
+APPLICATION = "specsplit"  # the Ray Serve application a client asks for (metadata "application")
 DEFAULT_MAX_NEW = 128  # Generate's max_new_tokens when the request leaves it unset
 
 
