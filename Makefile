@@ -32,7 +32,7 @@ demo-local:  ## the same on one process (no server)
 test: setup  ## unit, exactness and integration tests (SmolLM2-135M); slow ones excluded
 	$(PY) -m pytest -q
 
-bench: setup  ## the committed benchmark report and README section (about 100 min here)
+bench: setup llama-tools  ## the committed benchmark report and README section (about 2 h here)
 	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
 	PY=$(PY) bash scripts/bench_report.sh
 

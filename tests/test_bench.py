@@ -16,6 +16,7 @@ from specsplit.backends.torch_backend import TorchBackend
 from specsplit.bench.harness import SCHEMA, Setup, add_bench_parser, run_bench, write_outputs
 from specsplit.bench.prompts import Prompt
 from specsplit.bench.summary import summarise
+from specsplit.errors import ConfigError
 from specsplit.proposers.ngram import NGramProposer
 from specsplit.transport.server import ServerConfig, SpecsplitServer
 
@@ -197,25 +198,36 @@ def test_summary_counts_a_differing_run():
     assert s["speedup"]["median"] == pytest.approx(2.0)
 
 
-def test_llama_speculative_summary_is_parsed():
-    from specsplit.bench.systems import parse_llama_speculative
-
-    log = """
-encoded  143 tokens in    1.250 seconds, speed:  114.400 t/s
-decoded   64 tokens in    3.200 seconds, speed:   20.000 t/s
-
-n_draft   = 8
-n_predict = 64
-n_drafted = 80
-n_accept  = 52
-accept    = 65.000%
-"""
-    r = parse_llama_speculative(log)
-    assert r["new_tokens"] == 64 and r["total_s"] == pytest.approx(4.45)
-    assert r["time_to_first_token_s"] == pytest.approx(1.25)
-    assert r["tokens_per_s"] == pytest.approx(64 / 4.45)
-    assert (r["proposed"], r["accepted"]) == (80, 52)
-    assert r["acceptance_rate"] == pytest.approx(0.65)
+def test_resume_adds_the_missing_systems_and_keeps_every_record(tmp_path):
+    tok = ByteTokenizer(300)
+    target_model = tiny_llama(vocab=300, seed=0)
+    target = TorchBackend(target_model, tok)
+    setup = Setup(target, TorchBackend(perturbed(target_model, 0.08, seed=1), tok), "tinydraft")
+    first = run_bench(_ns(tmp_path, "--drafters", "ngram"), setup, PROMPTS[:2])
+    write_outputs(first, tmp_path)
+    before = json.loads((tmp_path / "results.json").read_text())
+    ns = _ns(tmp_path, "--drafters", "ngram,model", "--resume")
+    doc = run_bench(ns, setup, PROMPTS)  # one prompt more than the first run had
+    names = ["target", "spec[ngram]", "spec[tinydraft]"]
+    assert [s["name"] for s in doc["systems"]] == names
+    old, new = doc["prompts"][:2], doc["prompts"][2]
+    for kept, rec in zip(before["prompts"], old):
+        assert {k: v for k, v in rec.items() if k not in ("results", "greedy_equal")} == {
+            k: v for k, v in kept.items() if k not in ("results", "greedy_equal")
+        }
+        assert {n: rec["results"][n] for n in names[:2]} == kept["results"]
+        assert rec["greedy_equal"] == {**kept["greedy_equal"], "spec[tinydraft]": True}
+        assert rec["order"] == kept["order"]  # the order the original run had
+    assert set(new["results"]) == set(names) and len(new["order"]) == 3  # a whole new run
+    (added,) = doc["added"]
+    assert added["systems"] == ["spec[tinydraft]"] and added["prompts"] == {"spec[tinydraft]": 2}
+    assert added["config"]["resume"] and set(added["load_avg"]) == {"start", "end"}
+    assert doc["created"] == before["created"] and doc["command"] == before["command"]
+    assert doc["summary"]["overall"]["spec[tinydraft]"]["prompts"] == 3
+    report = (write_outputs(doc, tmp_path), (tmp_path / "report.md").read_text())[1]
+    assert "`spec[tinydraft]` added on" in report and "not interleaved" in report
+    with pytest.raises(ConfigError, match="max_new_tokens"):
+        run_bench(_ns(tmp_path, "--resume", "--max-new-tokens", "9"), setup, PROMPTS)
 
 
 def test_a_differing_run_is_located_and_its_tie_measured():

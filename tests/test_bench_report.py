@@ -256,3 +256,53 @@ def test_load_docs(tmp_path):
     assert br.load_docs([tmp_path / "run", tmp_path / "run" / "results.json"]) == [doc, doc]
     with pytest.raises(ValueError, match="specsplit.bench/1"):
         br.load_docs([tmp_path / "bad.json"])
+
+
+def test_added_systems_notes_and_llama_bench_in_report_and_readme(tmp_path):
+    doc = make_doc("llama.cpp")
+    doc["systems"].append(
+        {"name": "llama-speculative", "kind": "llama-speculative", "note": "ids re-tokenized"}
+    )
+    doc["summary"]["overall"]["llama-speculative"] = _summary("target")
+    doc["added"] = [
+        {
+            "systems": ["llama-speculative"],
+            "prompts": {"llama-speculative": 4},
+            "created": "2026-12-02T07:00:00",
+            "command": "specsplit bench --llama-speculative x --resume --out y",
+            "load_avg": {"start": [0.42, 1.0, 1.2], "end": [2.1, 2.0, 1.5]},
+        }
+    ]
+    doc["llama_bench"] = {
+        "command": "llama-bench -m t.gguf -p 512 -n 128 -t 2 -r 5 -o json",
+        "threads": 2,
+        "repetitions": 5,
+        "build": {"build_commit": "abc"},
+        "rows": [
+            {"model": "t", "test": "pp512", "tokens_per_s": 60.0, "stddev_tokens_per_s": 1.0},
+            {"model": "t", "test": "tg128", "tokens_per_s": 20.0, "stddev_tokens_per_s": 0.1},
+        ],
+    }
+    added = (
+        "`llama-speculative` added on 2026-12-02T07:00:00 by a later run with `--resume`, "
+        "1-minute load 0.42 at its start: its speedup divides by `target` (the target alone) "
+        "as measured in the original run (2026-11-23T10:00:00) on the same machine, not "
+        "interleaved with it in the same minute."
+    )
+    bench = (
+        "llama.cpp's own `llama-bench` (2 threads, 5 repetitions, build abc): "
+        "t pp512 60.0 ± 1.0, tg128 20.0 ± 0.1 tok/s."
+    )
+    text = br.write_report([doc], tmp_path).read_text()
+    assert added in text and bench in text and "llama-speculative: ids re-tokenized." in text
+    assert "`llama-bench -m t.gguf -p 512 -n 128 -t 2 -r 5 -o json`" in text
+    section = br.readme_section([doc], "r.md")
+    assert f"- {added}" in section and f"- {bench}" in section
+    assert "| llama-speculative |" in section
+    cmds = section.split("```")[1].strip().splitlines()
+    assert cmds == [doc["command"], doc["added"][0]["command"]]
+    doc["added"][0]["machine"] = {**doc["machine"], "platform": "linux-2"}
+    assert (
+        "on a machine described otherwise (platform linux then, linux-2 now)"
+        in (br.added_lines(doc)[0])
+    )

@@ -22,7 +22,7 @@ CHAT = [{"role": "user", "content": "Name three primary colors."}]
 
 
 @pytest.fixture(scope="module")
-def url():
+def url(smollm2_converted):
     with specsplit_serve("--target", MODEL, "--target-backend", "torch", "--threads", "2") as u:
         yield u
 

@@ -38,7 +38,7 @@ PROMPT = (
 
 
 @pytest.fixture(scope="module")
-def url():
+def url(smollm2_converted):
     with specsplit_serve("--target", MODEL, "--target-backend", "torch", "--threads", "2") as u:
         yield u
 

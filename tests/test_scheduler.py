@@ -4,6 +4,8 @@ decoding sessions."""
 
 from __future__ import annotations
 
+import sys
+import threading
 import time
 from collections.abc import Sequence
 
@@ -92,6 +94,120 @@ def test_long_prompt_is_prefilled_in_chunks_between_rounds(setup):
         assert long.state.cached == len(PROMPT) * 40 - 1
     finally:
         sch.stop()
+
+
+def test_sessions_with_rounds_queued_do_not_starve_the_others(setup):
+    """More sessions with rounds waiting than a pass takes: the oldest waiting rounds go first.
+    Sessions that always have a round queued (clients drafting ahead) must not keep a later
+    session's round waiting for as long as they run."""
+    tok, model, _ = setup
+    sch = _scheduler(model, tok, max_batch=1)
+    busy = [sch.open(PROMPT, GREEDY, i) for i in range(2)]
+    late = sch.open(PROMPT[:8], GREEDY, 2)
+    for s in [*busy, late]:
+        s.ready.result(10)
+    stop = False
+
+    def hog(s) -> None:  # two rounds queued at all times
+        futs = [sch.submit(s, [], 0), sch.submit(s, [], 1)]
+        version = 2
+        while not stop and version < 200:
+            futs.pop(0).result(10)
+            futs.append(sch.submit(s, [], version))
+            version += 1
+        for f in futs:
+            f.result(10)
+
+    threads = [threading.Thread(target=hog, args=(s,)) for s in busy]
+    try:
+        for t in threads:
+            t.start()
+        while sch.stats.passes < 6:  # the hogs are under way
+            time.sleep(0.01)
+        passes = sch.stats.passes
+        sch.submit(late, [], 0).result(30)
+        # one round per pass: the pass under way, the rounds queued before it (two per hog)
+        # and its own; without the oldest-first rule it waited for every hog round (~390)
+        assert sch.stats.passes - passes <= 8
+    finally:
+        stop = True
+        for t in threads:
+            t.join()
+        sch.stop()
+
+
+def test_full_kv_budget_with_every_session_busy_keeps_going(setup):
+    """The KV budget is full and every session has a round queued (none idle to evict): the
+    scheduler evicts a waiting session's cache (rebuilt later from its ids) rather than
+    putting every round back forever. Texts stay exact."""
+    tok, model, _ = setup
+    rounds = 30
+    ref = SpeculativeEngine(TorchBackend(model, tok)).generate(GenerationRequest(PROMPT, rounds))
+    per_token = TorchBackend(model, tok).kv_bytes_per_token()
+    sch = _scheduler(model, tok, max_batch=2, kv_budget=per_token * 60)  # two sessions' worth
+    sessions = [sch.open(PROMPT, GREEDY, i) for i in range(3)]
+    out: list[list[int]] = [[] for _ in sessions]
+
+    def hog(i: int) -> None:  # two rounds queued at all times
+        s = sessions[i]
+        futs = [sch.submit(s, [], 0), sch.submit(s, [], 1)]
+        for version in range(2, rounds + 2):
+            out[i].append(futs.pop(0).result(30).next_token)
+            if version < rounds:
+                futs.append(sch.submit(s, [], version))
+
+    threads = [threading.Thread(target=hog, args=(i,)) for i in range(3)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not any(t.is_alive() for t in threads), "rounds stopped being verified"
+        assert out == [ref.token_ids] * 3
+        assert sch.stats.evictions >= 1
+        assert sch.kv_bytes() <= per_token * 60
+    finally:
+        sch.stop()
+
+
+def test_counters_read_while_sessions_come_and_go(setup):
+    """The KV bytes and the load hint are read by other threads (metrics, every Opened)
+    while sessions are added and removed: no "dictionary changed size during iteration"."""
+    tok, model, _ = setup
+    sch = _scheduler(model, tok, max_sessions=64, kv_budget=1 << 30)
+    errors: list[BaseException] = []
+    done = threading.Event()
+
+    def churn() -> None:
+        while not done.is_set():
+            opened = [sch.open(PROMPT[:4], GREEDY, i) for i in range(8)]
+            for s in opened:
+                sch.close(s)
+            while len(sch.sessions) > 32 and not done.is_set():  # the loop ends closed ones
+                time.sleep(0.001)
+
+    def read() -> None:
+        try:
+            while not done.is_set():
+                sch.kv_bytes()
+                sch.load_hint()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    threads = [threading.Thread(target=churn), threading.Thread(target=read)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(3)
+    finally:
+        done.set()
+        for t in threads:
+            t.join()
+        sys.setswitchinterval(old)
+        sch.stop()
+    assert not errors, repr(errors[0])
 
 
 def test_batched_rounds_equal_rounds_alone(setup):
@@ -260,7 +376,7 @@ def top2_gap(target: Backend, ids: list[int]) -> float:
 
 
 @pytest.mark.integration
-def test_tree_rounds_batched_equal_rounds_alone_llamacpp():
+def test_tree_rounds_batched_equal_rounds_alone_llamacpp(smollm2_gguf):
     pytest.importorskip("llama_cpp")
     from specsplit.backends.llamacpp_backend import LlamaCppBackend
 

@@ -494,6 +494,19 @@ BAD_SESSIONS = {
         [open_msg(sampling=pb.Sampling(temperature=1.0, min_p=1.0))],
         grpc.StatusCode.INVALID_ARGUMENT,
     ),
+    # 0 is read as "off" (an unset proto3 double); anything else outside (0, 1] is refused
+    "top_p -1": (
+        [open_msg(sampling=pb.Sampling(temperature=1.0, top_p=-1.0))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "top_p nan": (
+        [open_msg(sampling=pb.Sampling(temperature=1.0, top_p=math.nan))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
+    "top_p -inf": (
+        [open_msg(sampling=pb.Sampling(temperature=1.0, top_p=-math.inf))],
+        grpc.StatusCode.INVALID_ARGUMENT,
+    ),
     "prompt fills n_ctx": ([open_msg([1] * 1024)], grpc.StatusCode.INVALID_ARGUMENT),
     "prompt beyond n_ctx": ([open_msg([1] * 5000)], grpc.StatusCode.INVALID_ARGUMENT),
     "join an unknown session": (
@@ -537,6 +550,63 @@ def test_oversized_message(main, good):
         assert_refused(raw.session([open_msg(), huge_draft]), grpc.StatusCode.RESOURCE_EXHAUSTED)
     wait_for(lambda: not main.scheduler.sessions, what="the sessions to end")
     good(main)
+
+
+# bytes that do not decode as the RPC's message: a truncated varint, a string that is not
+# UTF-8, a length past the end, a bare end-group tag
+UNDECODABLE = [b"\x08", b"\x12\x02\xff\xfe", b"\x0a\x09ab", b"\x0c"]
+
+
+def raw_call(srv: SpecsplitServer, rpc: str, payloads: list[bytes]) -> tuple[grpc.StatusCode, str]:
+    """Send payloads as they are (no serializer) to an RPC; how the call ended."""
+    same = lambda b: b  # noqa: E731
+    path = f"/specsplit.v1.Verifier/{rpc}"
+    with grpc.insecure_channel(address(srv)) as channel:
+        try:
+            if rpc == "Handshake":
+                channel.unary_unary(path, request_serializer=same, response_deserializer=same)(
+                    payloads[0], timeout=CALL_TIMEOUT
+                )
+            elif rpc in ("Generate", "Vocabulary"):
+                call = channel.unary_stream(
+                    path, request_serializer=same, response_deserializer=same
+                )
+                list(call(payloads[0], timeout=CALL_TIMEOUT))
+            else:
+                call = channel.stream_stream(
+                    path, request_serializer=same, response_deserializer=same
+                )
+                list(call(iter(payloads), timeout=CALL_TIMEOUT))
+        except grpc.RpcError as e:
+            return e.code(), e.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+def test_undecodable_messages_are_invalid_argument(main, good):
+    """A message that does not parse is the client's fault: INVALID_ARGUMENT with a one-line
+    reason, not gRPC's own INTERNAL "Exception deserializing request!" (which clients take
+    for a server failure and retry elsewhere)."""
+    good_open = open_msg().SerializeToString()
+    for payload in UNDECODABLE:
+        for rpc, payloads in (
+            ("Handshake", [payload]),
+            ("Generate", [payload]),
+            ("Session", [payload]),
+            ("Session", [good_open, payload]),
+            ("Session", [good_open, draft_msg([], 0).SerializeToString(), payload]),
+        ):
+            why = assert_refused(raw_call(main, rpc, payloads), grpc.StatusCode.INVALID_ARGUMENT)
+            assert "malformed" in why, why
+    wait_for(lambda: not main.scheduler.sessions, what="the refused sessions to end")
+    good(main)
+
+
+def test_every_rpc_of_the_proto_is_served(main):
+    """The service registers its handlers itself (lenient deserializers): none of the .proto's
+    RPCs may be left out (UNIMPLEMENTED)."""
+    for method in pb.DESCRIPTOR.services_by_name["Verifier"].methods:
+        code, why = raw_call(main, method.name, [UNDECODABLE[0]])
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method.name, code, why)
 
 
 # ---- 4. limits ----

@@ -29,6 +29,12 @@ class SessionGone(SpecsplitError):
     """The session ended (closed, idle too long, evicted, or its verifier went away)."""
 
 
+class SessionMoved(SessionGone):
+    """The server holding the session is going away on purpose (a Ray replica removed by a
+    scale-down or a redeploy): resume at once through the handshake address, which places the
+    session elsewhere."""
+
+
 class VerifierUnavailable(SpecsplitError):
     """No verification server could be reached (after retries)."""
 

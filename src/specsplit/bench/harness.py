@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -83,7 +84,13 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--clients", default="", help="server throughput at these client counts")
     b.add_argument("--out", required=True, help="output folder")
     b.add_argument(
-        "--resume", action="store_true", help="keep the prompts an interrupted run finished"
+        "--llama-bench", default=None, help="path of llama.cpp's llama-bench: a reference"
+    )
+    b.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the prompts a run in --out finished (partial.json or results.json) and run "
+        "on them only the systems missing from their records",
     )
     b.set_defaults(func=cmd_bench)
     r = sub.add_parser("bench-report", help="one report from several bench runs")
@@ -200,16 +207,18 @@ def _llama_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) ->
         lookup = 10 if which == "prompt-lookup" else 0
         out.append(LlamaCppPythonSystem(name, setup.gguf, threads, setup.target.n_ctx, lookup))
     if ns.llama_speculative:
+        if setup.gguf is None or setup.draft_gguf is None:
+            raise ConfigError("llama-speculative needs the target's and the draft's GGUF")
         out.append(
             LlamaSpeculativeSystem(
                 "llama-speculative",
-                "llama-speculative",
-                setup.draft_name,
+                drafter=setup.draft_name,
                 binary=ns.llama_speculative,
                 target_gguf=str(setup.gguf),
                 draft_gguf=str(setup.draft_gguf),
                 threads=threads,
-                detokenize=setup.target.tokenizer.decode,
+                n_ctx=getattr(setup.target, "n_ctx", 4096),
+                tokenizer=setup.target.tokenizer,
             )
         )
     else:
@@ -219,12 +228,38 @@ def _llama_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) ->
     return out
 
 
-def _resumed(ns: argparse.Namespace) -> list[dict]:
-    """With --resume, the prompt records of an interrupted run of the same settings."""
-    path = Path(ns.out, "partial.json")
-    if not getattr(ns, "resume", False) or not path.exists():
-        return []
-    return json.loads(path.read_text())
+# settings that make an earlier run's results incomparable with this one's
+RESUME_KEYS = (
+    "max_new_tokens",
+    "target",
+    "target_backend",
+    "draft",
+    "draft_backend",
+    "threads",
+    "k",
+)
+
+
+def _resumed(ns: argparse.Namespace) -> tuple[dict | None, list[dict]]:
+    """With --resume: the results document of a finished run in --out (results.json, or
+    None) and the prompt records to keep: partial.json's (an interrupted run, or
+    systems being added) or else the document's."""
+    if not getattr(ns, "resume", False):
+        return None, []
+    doc_path, partial = Path(ns.out, "results.json"), Path(ns.out, "partial.json")
+    doc = json.loads(doc_path.read_text()) if doc_path.exists() else None
+    if doc is not None:
+        cfg = doc.get("config") or {}
+        diff = [k for k in RESUME_KEYS if k in cfg and cfg[k] != getattr(ns, k, None)]
+        if diff:
+            was = ", ".join(f"{k} {cfg[k]!r} (now {getattr(ns, k, None)!r})" for k in diff)
+            raise ConfigError(f"--resume: {doc_path} was made with other settings: {was}")
+    stale = (
+        doc is not None and partial.exists() and partial.stat().st_mtime <= doc_path.stat().st_mtime
+    )
+    if partial.exists() and not stale:  # a checkpoint of a run cut short after the document
+        return doc, json.loads(partial.read_text())
+    return doc, list(doc["prompts"]) if doc else []
 
 
 @contextmanager
@@ -245,15 +280,33 @@ def _recording(proposer, drafts: dict[int, list[int]]) -> Iterator[None]:  # noq
 
 
 def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
-    """Run every system on every prompt; the results document (without file output)."""
+    """Run every system on every prompt; the results document (without file output).
+
+    With --resume, a prompt an earlier run finished keeps its record as it was and gets
+    only the systems missing from it (run in a rotating order among themselves); their
+    speedup then divides by the baseline of that earlier run. The document says which
+    systems were added so (``added``)."""
     from tqdm import tqdm
 
     from specsplit.faces.api import SpeculativeDecoder
 
+    load_start = os.getloadavg()
     systems, skipped = build_systems(ns, setup)
+    base_doc, records = _resumed(ns)
+    done = {(r["id"], r["repeat"]): r for r in records}
+    todo = []  # (repeat, prompt index, prompt, record kept or None, systems to run)
+    for rep in range(ns.repeats):
+        for i, p in enumerate(prompts):
+            rec = done.get((p.id, rep))
+            missing = [s for s in systems if rec is None or s.name not in rec["results"]]
+            if missing:
+                todo.append((rep, i, p, rec, missing))
     encoder = SpeculativeDecoder(setup.target, None, warm_up=False)
     warm = encoder.encode_prompt(prompts[0].text)
-    for s in systems:  # untimed warm-up
+    active = {s.name for *_, missing in todo for s in missing}
+    for s in systems:  # untimed warm-up of the systems that will run
+        if s.name not in active:
+            continue
         if isinstance(s, EngineSystem):
             s.engine.warm_up(warm[:64])
         s.run(warm[:64], 8)
@@ -262,62 +315,66 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
     recorder = next((s for s in systems if s.name == f"spec[{setup.draft_name}]"), None)
     n_record = max((int(c) for c in csv_list(ns.clients)), default=0)
     recorded: list[dict] = []
-    records: list[dict] = _resumed(ns)
-    done = {(r["id"], r["repeat"]) for r in records}
+    added: dict[str, int] = {}  # systems run on a kept record: how many records
     errors: list[dict] = []
-    bar = tqdm(total=len(prompts) * ns.repeats * len(systems), unit="run", file=sys.stderr)
-    bar.update(len(records) * len(systems))
-    for rep in range(ns.repeats):
-        for i, p in enumerate(prompts):
-            if (p.id, rep) in done:
-                continue
-            ids = encoder.encode_prompt(p.text)
-            shift = (i + rep) % len(systems)
-            order = systems[shift:] + systems[:shift]
-            results, drafts = {}, {}
-            for s in order:
-                if s is recorder and rep == 0 and len(recorded) < n_record:
-                    with _recording(s.engine.proposers[0], drafts):
-                        results[s.name] = s.run(ids, ns.max_new_tokens)
-                    recorded.append(
-                        {
-                            "prompt_ids": ids,
-                            "output_ids": results[s.name]["token_ids"],
-                            "drafts": {str(n): d for n, d in drafts.items()},
-                        }
-                    )
-                else:
-                    try:
-                        results[s.name] = s.run(ids, ns.max_new_tokens)
-                    except Exception as e:  # noqa: BLE001 - one system failing is a result
-                        if s.kind in ("target", "specsplit-local"):
-                            raise
-                        errors.append({"system": s.name, "id": p.id, "error": repr(e)[:300]})
-                bar.update(1)
-            base = results["target"]["token_ids"]
-            records.append(
-                {
-                    "id": p.id,
-                    "category": p.category,
-                    "repeat": rep,
-                    "prompt_tokens": len(ids),
-                    "order": [s.name for s in order],
-                    "results": results,
-                    "greedy_equal": {
-                        s: (None if r["token_ids"] is None else r["token_ids"] == base)
-                        for s, r in results.items()
-                    },
-                }
-            )
-            sp = spread(
-                [
-                    r["results"][main]["tokens_per_s"] / r["results"]["target"]["tokens_per_s"]
-                    for r in records
-                ]
-            )
-            bar.set_postfix_str(f"{main} median speedup {sp['median']:.2f}x")
-            if getattr(ns, "out", None):  # a checkpoint, should the run be cut short
-                Path(ns.out, "partial.json").write_text(json.dumps(records))
+    bar = tqdm(total=sum(len(m) for *_, m in todo), unit="run", file=sys.stderr)
+    for rep, i, p, rec, missing in todo:
+        ids = encoder.encode_prompt(p.text)
+        shift = (i + rep) % len(missing)
+        order = missing[shift:] + missing[:shift]
+        results, drafts = {}, {}
+        for s in order:
+            if s is recorder and rec is None and rep == 0 and len(recorded) < n_record:
+                with _recording(s.engine.proposers[0], drafts):
+                    results[s.name] = s.run(ids, ns.max_new_tokens)
+                recorded.append(
+                    {
+                        "prompt_ids": ids,
+                        "output_ids": results[s.name]["token_ids"],
+                        "drafts": {str(n): d for n, d in drafts.items()},
+                    }
+                )
+            else:
+                try:
+                    results[s.name] = s.run(ids, ns.max_new_tokens)
+                except Exception as e:  # noqa: BLE001 - one system failing is a result
+                    if s.kind in ("target", "specsplit-local"):
+                        raise
+                    errors.append({"system": s.name, "id": p.id, "error": repr(e)[:300]})
+            bar.update(1)
+        if rec is None:
+            rec = {
+                "id": p.id,
+                "category": p.category,
+                "repeat": rep,
+                "prompt_tokens": len(ids),
+                "order": [s.name for s in order],
+                "results": {},
+                "greedy_equal": {},
+            }
+            records.append(rec)
+        else:
+            if rec["prompt_tokens"] != len(ids):
+                raise ConfigError(f"--resume: {p.id} is not the prompt the earlier run had")
+            for name in results:
+                added[name] = added.get(name, 0) + 1
+        rec["results"].update(results)
+        base = rec["results"]["target"]["token_ids"]
+        rec["greedy_equal"].update(
+            {
+                s: (None if r["token_ids"] is None else r["token_ids"] == base)
+                for s, r in results.items()
+            }
+        )
+        ratios = [
+            r["results"][main]["tokens_per_s"] / r["results"]["target"]["tokens_per_s"]
+            for r in records
+            if main in r["results"]
+        ]
+        if ratios:
+            bar.set_postfix_str(f"{main} median speedup {spread(ratios)['median']:.2f}x")
+        if getattr(ns, "out", None):  # a checkpoint, should the run be cut short
+            Path(ns.out, "partial.json").write_text(json.dumps(records))
     bar.close()
     throughput = None
     if recorded and setup.server:
@@ -332,7 +389,7 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
     doc = {
         "schema": SCHEMA,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "command": "specsplit " + " ".join(sys.argv[1:]) if ns.__dict__.get("func") else None,
+        "command": _command(ns),
         "machine": _machine(),
         "config": {k: v for k, v in vars(ns).items() if k != "func"},
         "target": {"name": ns.target, "backend": setup.target.name},
@@ -349,8 +406,46 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
             "model_rss_bytes": setup.model_rss_bytes,
         },
         "throughput": throughput,
+        "load_avg": {"start": list(load_start), "end": list(os.getloadavg())},
     }
-    return refresh(doc)
+    return refresh(_merged(base_doc, doc, added))
+
+
+def _command(ns: argparse.Namespace) -> str | None:
+    """The command line of a CLI run, quoted for a shell."""
+    return "specsplit " + shlex.join(sys.argv[1:]) if ns.__dict__.get("func") else None
+
+
+def _merged(base: dict | None, doc: dict, added: dict[str, int]) -> dict:
+    """This run's document, or, resuming a finished run, that run's document with this
+    run's records, new systems, skips and errors merged in. Systems run on records an
+    earlier run made are listed under ``added`` with this run's command, machine and load."""
+    if added:
+        order = [s["name"] for s in doc["systems"]]
+        entry = {
+            "systems": sorted(added, key=order.index),
+            "prompts": {name: added[name] for name in sorted(added, key=order.index)},
+            **{k: doc[k] for k in ("created", "command", "machine", "config", "load_avg")},
+        }
+    if base is None:
+        if added:
+            doc["added"] = [entry]
+        return doc
+    out = dict(base)
+    have = {s["name"] for s in base["systems"]}
+    out["systems"] = base["systems"] + [s for s in doc["systems"] if s["name"] not in have]
+    ran = {s["name"] for s in out["systems"]}
+    skips = base.get("skipped", []) + [
+        s for s in doc["skipped"] if s["name"] not in {x["name"] for x in base.get("skipped", [])}
+    ]
+    out["skipped"] = [s for s in skips if s["name"] not in ran]
+    out["errors"] = base.get("errors", []) + doc["errors"]
+    out["prompts"] = doc["prompts"]
+    if not out.get("throughput"):
+        out["throughput"] = doc["throughput"]
+    if added:
+        out["added"] = [*base.get("added", []), entry]
+    return out
 
 
 def _throughput(ns: argparse.Namespace, setup: Setup, recorded: list[dict]) -> dict:
@@ -373,6 +468,7 @@ def _machine() -> dict:
         "cpus": len(os.sched_getaffinity(0)),
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": _cpu_model(),
         "python": platform.python_version(),
     }
     try:  # the code that ran: commit, and whether the work tree differed from it
@@ -392,6 +488,18 @@ def _machine() -> dict:
         except Exception:  # noqa: BLE001 - an optional package
             out[mod] = None
     return out
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name (Linux), to tell machines apart."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    return next(
+        (ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")),
+        None,
+    )
 
 
 def write_outputs(doc: dict, out: Path) -> None:
@@ -455,7 +563,7 @@ def cmd_bench(ns: argparse.Namespace) -> int:
             lambda: TorchBackend.load(ns.draft, threads=ns.threads).model,
         )
     gguf = draft_gguf = None
-    if ns.target_backend == "llama.cpp" or ns.llama_speculative:
+    if ns.target_backend == "llama.cpp" or ns.llama_speculative or ns.llama_bench:
         gguf, draft_gguf = registry.resolve_gguf(ns.target), registry.resolve_gguf(ns.draft)
     with _server(ns, out) as srv:
         setup = Setup(
@@ -475,12 +583,19 @@ def cmd_bench(ns: argparse.Namespace) -> int:
         finally:
             for px in setup.proxies:
                 px.stop()
+    if ns.llama_bench and not doc.get("llama_bench"):  # kept from the run resumed, if it had one
+        from specsplit.bench.llama_bench import run_llama_bench
+
+        threads = ns.threads or len(os.sched_getaffinity(0))
+        models = {ns.target: str(gguf), ns.draft: str(draft_gguf)}
+        doc["llama_bench"] = run_llama_bench(ns.llama_bench, models, threads)
     from specsplit.bench.ties import annotate
     from specsplit.faces.api import SpeculativeDecoder
 
     encoder = SpeculativeDecoder(target, None, warm_up=False)
     refresh(annotate(doc, target, {p.id: encoder.encode_prompt(p.text) for p in prompts}))
     write_outputs(doc, out)
+    Path(out, "partial.json").unlink(missing_ok=True)  # the run finished: no checkpoint
     for name, r in doc["summary"]["overall"].items():
         sp = (r["speedup"] or {}).get("median") or 0.0
         tps = (r["tokens_per_s"] or {}).get("median") or 0.0

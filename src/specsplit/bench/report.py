@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from specsplit.bench.llama_bench import reference_line
+
 SCHEMA = "specsplit.bench/2"
 DPI = 110
 README_START = "<!-- bench:start -->"
@@ -395,6 +397,39 @@ def _throughput_table(tp: dict) -> list[str]:
     ]
 
 
+def added_lines(doc: dict) -> list[str]:
+    """One line per later run that added systems to finished prompts (``--resume``)."""
+    base = _baseline(doc)
+    then = doc.get("machine") or {}
+    lines = []
+    for a in doc.get("added") or []:
+        names = ", ".join(f"`{n}`" for n in a.get("systems", []))
+        load = (a.get("load_avg") or {}).get("start")
+        at = f", 1-minute load {load[0]:.2f} at its start" if load else ""
+        now = a.get("machine") or {}
+        differ = [  # what both runs recorded of the machine, where it differs
+            f"{k} {then[k]} then, {now[k]} now"
+            for k in ("cpus", "cpu_model", "processor", "platform")
+            if k in then and k in now and then[k] != now[k]
+        ]
+        where = (
+            f"on a machine described otherwise ({'; '.join(differ)})"
+            if differ
+            else "on the same machine"
+        )
+        lines.append(
+            f"{names} added on {a.get('created', DASH)} by a later run with `--resume`{at}: "
+            f"its speedup divides by `{base}` (the target alone) as measured in the original "
+            f"run ({doc.get('created', DASH)}) {where}, not interleaved with it in the same "
+            "minute."
+        )
+    return lines
+
+
+def _notes(doc: dict) -> list[str]:
+    return [f"{s['name']}: {s['note']}." for s in _systems(doc) if s.get("note")]
+
+
 def _doc_section(doc: dict) -> list[str]:
     machine = " · ".join(f"{k} {v}" for k, v in (doc.get("machine") or {}).items())
     base = _baseline(doc)
@@ -407,11 +442,15 @@ def _doc_section(doc: dict) -> list[str]:
         "### Overall", "",
         f"Speedups divide by `{base}` (the target alone): {_num(ms, '.1f')} ms/token (median).", "",
         *_overall_table(doc), "",
+        *[f"- {line}" for line in [*added_lines(doc), *_notes(doc)]],
+        *([""] if added_lines(doc) or _notes(doc) else []),
         "### Speedup by category (median)", "",
         *_category_table(doc), "",
     ]  # fmt: skip
     if limits := physical_limit_lines(doc):
         out += ["### Physical limit", "", *[f"- {line}" for line in limits], ""]
+    if ref := reference_line(doc.get("llama_bench")):
+        out += ["### Reference: llama-bench", "", ref, "", f"`{doc['llama_bench']['command']}`", ""]
     if skipped := doc.get("skipped"):
         out += ["### Skipped systems", ""]
         out += [f"- {s.get('name')}: {s.get('reason', DASH)}" for s in skipped] + [""]
@@ -494,6 +533,10 @@ def readme_section(docs: list[dict], report_rel: str) -> str:
         ]
         header = ["system", "tok/s", "decode tok/s", "TTFT s", "speedup", "acceptance", "tau"]
         lines += _table([*header, "greedy equal"], rows) + [""]
+        extra = [*added_lines(doc), *_notes(doc)]
+        if ref := reference_line(doc.get("llama_bench")):
+            extra.append(ref)
+        lines += [*[f"- {x}" for x in extra], ""] if extra else []
         if limits := physical_limit_lines(doc):
             lines += ["Physical limit:", "", *[f"- {line}" for line in limits], ""]
         if main := _main_system(doc):
@@ -504,7 +547,10 @@ def readme_section(docs: list[dict], report_rel: str) -> str:
             if per:
                 lines += [f"Speedup of `{main}` by category: {', '.join(per)}.", ""]
     lines += [f"Full report: [{report_rel}]({report_rel}). Made with:", "", "```"]
-    lines += [doc.get("command") or DASH for doc in docs] + ["```"]
+    for doc in docs:
+        lines.append(doc.get("command") or DASH)
+        lines += [a.get("command") or DASH for a in doc.get("added") or []]
+    lines.append("```")
     return "\n".join(lines) + "\n"
 
 

@@ -402,15 +402,18 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
 
 def replay_clients(
     address: str,
-    http_port: int,
+    http_port: int | None,
     tokenizer,
     recs: list[dict],
     k: int,
     max_new: int,  # noqa: ANN001
+    counters=None,  # noqa: ANN001 - () -> {"passes_total", "rounds_total"}; else /metrics
 ) -> dict:
     """One replaying client per recorded prompt, all at once, against a running server;
-    server throughput, batching and latency figures."""
-    before = _scrape(http_port)
+    server throughput, batching and latency figures. ``counters``: the server's pass and
+    round totals (default: its Prometheus page on http_port)."""
+    counters = counters or (lambda: _scrape(http_port))
+    before = counters()
     per: list[dict | None] = [None] * len(recs)
 
     def run(i: int) -> None:
@@ -423,7 +426,7 @@ def replay_clients(
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    after = _scrape(http_port)
+    after = counters()
     tokens = sum(p["new_tokens"] for p in per)
     # decode phase: from the moment every client has its first token to the last token
     t_all = max(p["chunks"][0][0] for p in per)

@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specsplit.backends.base import Tokenizer
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
 from specsplit.errors import ConfigError
 
@@ -318,52 +319,117 @@ def _Draft(fn: Callable):  # noqa: ANN202, N802
     return _Fn()
 
 
+LLAMA_SPECULATIVE_DRAFT = 3  # its --spec-draft-n-max default
+
+
 @dataclass
 class LlamaSpeculativeSystem(System):
-    """llama.cpp's ``llama-speculative`` example binary, run once per prompt (its own model
-    load excluded: the figures are the ones it prints for the generation)."""
+    """llama.cpp's own ``llama-speculative`` binary, one process per prompt, greedy, with the
+    same threads for target and draft as the other systems and its default draft length.
 
+    It takes text: the prompt ids are detokenized with their special tokens as text, which it
+    tokenizes back parsing special tokens (checked: its prompt token count must equal ours)
+    and with escape processing off (``\\n`` in code stays two characters). It prints the
+    prompt and then the generated text: the text after the prompt is tokenized with the
+    target's tokenizer (no special tokens added), cut at the first EOS and at ``max_new``, so
+    its ids are compared like every system's. The figures are the ones it prints (model load
+    and warm-up excluded); ``llama_speculative_figures`` says how they are counted."""
+
+    kind: str = "llama-speculative"
     binary: str = ""
     target_gguf: str = ""
     draft_gguf: str = ""
-    threads: int | None = None
-    detokenize: Callable[[list[int]], str] | None = None
+    threads: int = 1
+    n_ctx: int = 4096
+    draft_max: int = LLAMA_SPECULATIVE_DRAFT
+    tokenizer: Tokenizer | None = None  # the target's
     extra: list[str] = field(default_factory=list)
+    note: str = (
+        "llama.cpp's llama-speculative, one process per prompt; its token ids are the target "
+        "tokenizer's ids of the text it printed (re-tokenized)"
+    )
+
+    def command(self, prompt: str, max_new: int) -> list[str]:
+        t = str(self.threads)
+        return [
+            self.binary, "-m", self.target_gguf, "-md", self.draft_gguf,
+            "-p", prompt, "--no-escape", "-c", str(self.n_ctx),
+            "-n", str(max(0, max_new - 1)),  # it stops once it has generated more than -n
+            "--temp", "0", "--spec-draft-n-max", str(self.draft_max), "--color", "off",
+            "-t", t, "-tb", t, "-td", t, "-tbd", t, *self.extra,
+        ]  # fmt: skip
 
     def run(self, ids: list[int], max_new: int) -> dict:
-        prompt = self.detokenize(ids) if self.detokenize else ""
-        cmd = [self.binary, "-m", self.target_gguf, "-md", self.draft_gguf, "-p", prompt]
-        cmd += ["-n", str(max_new), "--temp", "0", "--no-warmup", *self.extra]
-        if self.threads:
-            cmd += ["-t", str(self.threads)]
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if self.tokenizer is None:
+            raise ConfigError("llama-speculative needs the target's tokenizer")
+        prompt = self.tokenizer.decode(ids)
+        p = subprocess.run(self.command(prompt, max_new), capture_output=True, timeout=3600)
+        stdout = p.stdout.decode("utf-8", errors="replace")
+        stderr = p.stderr.decode("utf-8", errors="replace")
         if p.returncode != 0:
-            raise RuntimeError(f"llama-speculative failed: {p.stderr.strip()[-300:]}")
-        return parse_llama_speculative(p.stderr + p.stdout)
+            raise RuntimeError(f"llama-speculative failed ({p.returncode}): {stderr[-300:]}")
+        raw = parse_llama_speculative(stdout, stderr, prompt)
+        if raw["prompt_tokens"] != len(ids):
+            raise RuntimeError(
+                f"llama-speculative read the prompt as {raw['prompt_tokens']} tokens, not "
+                f"{len(ids)}: the comparison would not be on the same prompt"
+            )
+        new = self.tokenizer.encode(raw["text"], add_special=False)
+        return llama_speculative_figures(raw, new, self.tokenizer.eos_token_ids, max_new)
 
 
-def parse_llama_speculative(log: str) -> dict:
-    """Figures from llama-speculative's summary lines ("encoded N tokens in T seconds",
-    "decoded N tokens in T seconds", "n_drafted = ", "n_accept = "). Its ids are not
-    printed, so greedy equality is not checked (null)."""
+def parse_llama_speculative(stdout: str, stderr: str, prompt: str) -> dict:
+    """What llama-speculative printed: on stdout two newlines, the prompt, the generated
+    text (EOS as its text), four newlines; on stderr "encoded N tokens in T seconds",
+    "decoded N tokens in T seconds", "n_draft = ", "n_predict = ", "n_drafted = ",
+    "n_accept = " (with or without a log prefix). Raises if something is missing."""
 
-    def num(pattern: str) -> float | None:
-        m = re.search(pattern, log)
-        return float(m.group(1)) if m else None
+    def num(pattern: str) -> float:
+        m = re.search(pattern, stderr)
+        if m is None:
+            raise ValueError(f"llama-speculative output has no {pattern!r}")
+        return float(m.group(1))
 
-    n = int(num(r"decoded\s+(\d+)\s+tokens") or 0)
-    t_enc = num(r"encoded\s+\d+\s+tokens\s+in\s+([\d.]+)\s+seconds") or 0.0
-    t_dec = num(r"decoded\s+\d+\s+tokens\s+in\s+([\d.]+)\s+seconds") or 0.0
-    drafted, accepted = num(r"n_drafted\s*=\s*(\d+)"), num(r"n_accept\s*=\s*(\d+)")
-    total = t_enc + t_dec
+    head, tail = "\n\n" + prompt, "\n\n\n\n"
+    if not stdout.startswith(head) or not stdout.endswith(tail):
+        raise ValueError("llama-speculative did not echo the prompt it was given")
     return {
-        "token_ids": None,
-        "new_tokens": n,
-        "total_s": total,
-        "tokens_per_s": n / total if total > 0 else 0.0,
-        "decode_tokens_per_s": n / t_dec if t_dec > 0 else 0.0,
-        "time_to_first_token_s": t_enc,
-        "proposed": int(drafted) if drafted is not None else None,
-        "accepted": int(accepted) if accepted is not None else None,
-        "acceptance_rate": accepted / drafted if drafted else None,
+        "text": stdout[len(head) : len(stdout) - len(tail)],
+        "prompt_tokens": int(num(r"encoded\s+(\d+)\s+tokens")),
+        "encode_s": num(r"encoded\s+\d+\s+tokens\s+in\s+([\d.]+)\s+seconds"),
+        "decode_s": num(r"decoded\s+\d+\s+tokens\s+in\s+([\d.]+)\s+seconds"),
+        "n_predict": int(num(r"n_predict\s*=\s*(\d+)")),
+        "n_draft": int(num(r"n_draft\s*=\s*(\d+)")),
+        "n_drafted": int(num(r"n_drafted\s*=\s*(\d+)")),
+        "n_accept": int(num(r"n_accept\s*=\s*(\d+)")),
     }
+
+
+def llama_speculative_figures(
+    raw: dict, ids: list[int], eos_ids: frozenset[int] | set[int], max_new: int
+) -> dict:
+    """A run's figures from what llama-speculative printed (``raw``) and the ids of its text.
+
+    The ids are cut at the first EOS and at ``max_new`` and counted like every system's. It
+    generates whole rounds, so it may pass ``max_new`` by up to its draft length: the time
+    to the last counted token is its prefill ("encoded") time plus the share of its decode
+    time those tokens take. Passes, draft tokens and acceptance are its own counts over
+    everything it generated: each round emits its accepted draft tokens plus one, and the
+    prefill the first token, so passes = n_predict - 1 - n_accept."""
+    hit = next((i for i, t in enumerate(ids) if t in eos_ids), None)
+    new = list(ids[: hit if hit is not None else len(ids)])
+    eos = hit is not None and hit < max_new
+    new = new[:max_new]
+    n = len(new) + int(eos)
+    share = min(1.0, n / raw["n_predict"]) if raw["n_predict"] else 1.0
+    res = _timed(new, eos, raw["encode_s"], raw["encode_s"] + share * raw["decode_s"])
+    passes = max(0, raw["n_predict"] - 1 - raw["n_accept"])
+    res.update(
+        target_passes=passes,
+        proposed=raw["n_drafted"],
+        accepted=raw["n_accept"],
+        acceptance_rate=raw["n_accept"] / raw["n_drafted"] if raw["n_drafted"] else None,
+        mean_accepted_length=raw["n_predict"] / passes if passes else None,
+        reported={k: v for k, v in raw.items() if k != "text"},
+    )
+    return res

@@ -36,14 +36,17 @@ def top2_gap(target, ids: list[int]) -> float:  # noqa: ANN001 - a Backend
 
 def annotate(doc: dict, target, prompt_ids: dict[str, list[int]]) -> dict:  # noqa: ANN001
     """Add ``divergence[system] = {position, top2_gap, near_tie}`` to records whose greedy
-    text differs from the baseline's; returns the document."""
+    text differs from the baseline's (keeping the entries a record already has); returns
+    the document."""
     tol = TIE_TOLERANCE.get(doc["target"]["backend"], 0.0)
     for rec in doc["prompts"]:
+        if rec["id"] not in prompt_ids:  # kept from a resumed run, not among this run's prompts
+            continue
         base = rec["results"][doc["baseline"]]["token_ids"]
-        div = {}
+        div = dict(rec.get("divergence") or {})
         for name, equal in rec["greedy_equal"].items():
             got = rec["results"].get(name, {}).get("token_ids")
-            if equal is not False or got is None:
+            if equal is not False or got is None or name in div:
                 continue
             n = next((i for i, (a, b) in enumerate(zip(base, got)) if a != b), None)
             if n is None:  # one text is a prefix of the other: EOS or length, not a token

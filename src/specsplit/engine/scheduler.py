@@ -1,7 +1,8 @@
 """Many sessions, one target: rounds from different users verified in one batched pass.
 
 One thread owns the target backend. Sessions (``VerifySession``) submit rounds; each turn
-of the loop takes the oldest round of every session that has one (up to ``max_batch``),
+of the loop takes the oldest round of every session that has one (up to ``max_batch``, those
+that waited longest first),
 runs a single ``forward_batch`` over all of them (sessions of different lengths and
 different K in the same pass), decides each verdict and answers each future. Between
 batches it prefills at most one chunk of one new prompt, so a long prompt does not stall
@@ -84,7 +85,10 @@ class BatchScheduler:
         batch_window: float = 0.005,
         idle_timeout: float = 300.0,
         cost_shape: dict[int, float] | None = None,
+        id_prefix: str = "",
     ) -> None:
+        """``id_prefix`` begins every session id (a Ray replica's name: ids then say where
+        their session lives)."""
         if max_batch < 1 or max_sessions < 1 or max_draft < 0 or prefill_chunk < 1:
             raise ConfigError("max_batch, max_sessions, prefill_chunk must be >= 1, max_draft >= 0")
         self.target = target
@@ -99,6 +103,7 @@ class BatchScheduler:
             idle_timeout,
         )
         self.cost_shape = dict(cost_shape or {})
+        self.id_prefix = id_prefix
         self.stats = SchedulerStats()
         self.sessions: dict[str, Served] = {}
         self._closing: deque[tuple[Served, str]] = deque()
@@ -125,6 +130,11 @@ class BatchScheduler:
         for s in list(self.sessions.values()):
             self._end(s, "server stopping")
 
+    @property
+    def running(self) -> bool:
+        """True while the loop thread is alive (a health check)."""
+        return self._running and self._thread is not None and self._thread.is_alive()
+
     # ---- what sessions call (any thread) ----
 
     def open(
@@ -142,7 +152,7 @@ class BatchScheduler:
         with self._cv:
             if len(self.sessions) >= self.max_sessions:
                 raise ServerFull(f"the server holds its maximum of {self.max_sessions} sessions")
-            s = Served(secrets.token_hex(8), state, Future())
+            s = Served(self.id_prefix + secrets.token_hex(8), state, Future())
             self.sessions[s.id] = s
             self._cv.notify_all()
         return s
@@ -177,12 +187,12 @@ class BatchScheduler:
 
     def load_hint(self) -> float:
         """Expected seconds a new round waits before its pass."""
-        queued = sum(len(s.jobs) for s in self.sessions.values())
-        return (queued / self.max_batch) * self.stats.last_pass
+        queued = sum(len(s.jobs) for s in list(self.sessions.values()))  # (a snapshot: other
+        return (queued / self.max_batch) * self.stats.last_pass  # threads add sessions)
 
     def kv_bytes(self) -> int:
         """Bytes of KV cache held now."""
-        return self.kv_per_token * sum(s.state.cached for s in self.sessions.values())
+        return self.kv_per_token * sum(s.state.cached for s in list(self.sessions.values()))
 
     # ---- the loop (the only thread that touches the target) ----
 
@@ -248,6 +258,9 @@ class BatchScheduler:
         with self._cv:
             live = [s for s in self.sessions.values() if not s.closed]
         batch = [s for s in live if s.jobs and s.ready.done() and not s.state.missing()]
+        # the oldest waiting rounds first: sessions that always have a round queued (clients
+        # drafting ahead) must not keep the others waiting
+        batch.sort(key=lambda s: s.jobs[0].t_submit)
         batch = batch[: self.max_batch]
         if batch:
             self._verify(batch)
@@ -260,21 +273,27 @@ class BatchScheduler:
         if todo:  # one prefill chunk per turn, round robin
             self._prefill(todo[next(self._rr) % len(todo)])
 
-    def _ensure_room(self, keep: Sequence[Served], extra_tokens: int) -> bool:
-        """Evict idle sessions (least recently used first) until extra tokens fit the budget."""
+    def _ensure_room(
+        self, keep: Sequence[Served], extra_tokens: int, waiting: bool = False
+    ) -> bool:
+        """Evict idle sessions (least recently used first) until extra tokens fit the budget;
+        with ``waiting``, then sessions whose rounds wait too (each is rebuilt from its ids
+        when its round's turn comes)."""
         if self.kv_budget is None:
             return True
-        need = self.kv_bytes() + extra_tokens * self.kv_per_token
-        idle = sorted(
-            (s for s in self.sessions.values() if s not in keep and not s.jobs and s.state.cached),
-            key=lambda s: s.state.last_used,
+        sessions = list(self.sessions.values())  # (other threads add sessions)
+        need = self.kv_per_token * (sum(s.state.cached for s in sessions) + extra_tokens)
+        victims = sorted(
+            (s for s in sessions if s not in keep and s.state.cached and (waiting or not s.jobs)),
+            key=lambda s: (bool(s.jobs), s.state.last_used),  # idle ones first
         )
-        while need > self.kv_budget and idle:
-            victim = idle.pop(0)
+        while need > self.kv_budget and victims:
+            victim = victims.pop(0)
             need -= victim.state.cached * self.kv_per_token
             victim.state.release(self.target)
             self.stats.evictions += 1
-            log.info("evicted the KV cache of idle session %s", victim.id)
+            what = "waiting" if victim.jobs else "idle"
+            log.info("evicted the KV cache of %s session %s", what, victim.id)
         return need <= self.kv_budget
 
     def _prefill(self, s: Served) -> None:
@@ -289,17 +308,42 @@ class BatchScheduler:
             self._fail(s, e)
             return
         self.stats.prefill_tokens += n
-        if not s.state.missing() and not s.ready.done():
-            s.ready.set_result(s.state.first)
+        if not s.state.missing():
+            s.state.last_used = time.monotonic()  # rebuilt: not the next to evict
+            if not s.ready.done():
+                s.ready.set_result(s.state.first)
 
     def _others_hold_kv(self, s: Served) -> bool:
-        return any(o is not s and o.state.cached for o in self.sessions.values())
+        return any(o is not s and o.state.cached for o in list(self.sessions.values()))
 
     def _fail(self, s: Served, err: Exception) -> None:
         if not s.ready.done():
             s.ready.set_exception(err)
         with self._cv:
             self._mark_closed(s, str(err))
+
+    def _fit(self, planned: list[tuple[Served, _Job, Round]]) -> list[tuple[Served, _Job, Round]]:
+        """The planned rounds whose tokens fit the KV budget (the others go back to the head
+        of their queues). Idle sessions are evicted first; if not even the oldest round fits
+        beside the caches of sessions whose rounds wait, those are evicted for it, so the
+        loop always moves on; a session that outgrew the budget alone ends (Overloaded)."""
+        extra = sum(len(r.tokens) for _, _, r in planned)
+        back = []
+        while planned and not self._ensure_room([p[0] for p in planned], extra):
+            back.append(planned.pop())  # does not fit now
+            extra -= len(back[-1][2].tokens)
+        if not planned and back:
+            s, job, rnd = back.pop()  # the oldest round
+            if self._ensure_room([s], len(rnd.tokens), waiting=True):
+                planned.append((s, job, rnd))
+            else:
+                err = Overloaded("the session's KV cache outgrew the server's KV budget")
+                job.future.set_exception(err)
+                self._fail(s, err)
+        with self._cv:
+            for s, job, _ in back:
+                s.jobs.appendleft(job)
+        return planned
 
     def _verify(self, batch: list[Served]) -> None:
         t_start = time.perf_counter()
@@ -326,12 +370,7 @@ class BatchScheduler:
                 job.future.set_result(s.state.dropped())
                 continue
             planned.append((s, job, rnd))
-        extra = sum(len(r.tokens) for _, _, r in planned)
-        while planned and not self._ensure_room([p[0] for p in planned], extra):
-            s, job, rnd = planned.pop()  # does not fit now: back to the head of its queue
-            extra -= len(rnd.tokens)
-            with self._cv:
-                s.jobs.appendleft(job)
+        planned = self._fit(planned)
         if not planned:
             return
         t0 = time.perf_counter()

@@ -1,4 +1,5 @@
-"""`specsplit serve`: the target on a server, verifying drafts from many users over gRPC."""
+"""`specsplit serve`: the target on a server, verifying drafts from many users over gRPC;
+with ``--ray``, the same server as Ray Serve replicas (``specsplit.cluster``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import re
 import signal
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from specsplit.errors import ConfigError
@@ -75,6 +76,34 @@ class ServeSettings:
         "ngram", "the server's own drafter for the HTTP face and Generate: ngram, none or a model"
     )
     draft_backend: str = _f("llama.cpp", "backend of the server's draft model")
+    ray: bool = _f(
+        False,
+        "deploy as a Ray Serve application: replicas, each with its own target, sessions and "
+        "batch scheduler (--port and --http-port are then Serve's proxy ports)",
+        action="store_true",
+    )
+    replicas: int | None = _f(None, "with --ray: this many replicas (default 1)", type=int)
+    autoscale: str | None = _f(
+        None,
+        "with --ray: MIN:MAX replicas, added when open sessions per replica pass "
+        "--target-sessions and removed when they fall",
+    )
+    target_sessions: int | None = _f(
+        None,
+        "with --autoscale: open sessions per replica the autoscaler aims at "
+        "(default: half of --max-sessions)",
+        type=int,
+    )
+    ray_address: str | None = _f(
+        None,
+        "with --ray: join this Ray cluster (HOST:PORT or ray://HOST:PORT) and leave it running; "
+        "unset: start a local Ray instance, stopped with this command",
+    )
+    drain_timeout: float = _f(
+        30.0,
+        "with --ray: seconds a replica removed on purpose waits for its sessions to move",
+        type=float,
+    )
 
 
 def _read_secret(path: str | None) -> str | None:
@@ -87,6 +116,44 @@ def _read_secret(path: str | None) -> str | None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
+    s: ServeSettings = from_namespace(ns, ServeSettings)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    if s.ray:
+        return _serve_on_ray(s)
+    if s.replicas is not None or s.autoscale or s.ray_address:
+        raise ConfigError("--replicas, --autoscale and --ray-address need --ray")
+    server = build_server(s)
+    server.start()
+    print(f"specsplit serving {s.target} on {s.host}:{server.port}", file=sys.stderr, flush=True)
+    _wait_for_signal()
+    print("shutting down (rounds in flight finish first)", file=sys.stderr, flush=True)
+    server.stop(grace=5.0)
+    return 0
+
+
+def _wait_for_signal() -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+
+
+def build_server(
+    s: ServeSettings,
+    *,
+    port: int | None = None,
+    session_prefix: str = "",
+    http: bool = True,
+    secrets: dict | None = None,
+):  # noqa: ANN201 - a SpecsplitServer (its module needs the server extra)
+    """The server `specsplit serve` runs, not yet started: the target loaded, the limits, the
+    server's own drafter. A Ray replica builds its own with ``port=0`` (any free port),
+    ``http=False`` (Serve serves the HTTP face), its name as ``session_prefix`` and the auth
+    token or keys file's text in ``secrets`` (read where the command ran)."""
     from specsplit.backends.load import load_backend
     from specsplit.faces.api import make_proposer
     from specsplit.proposers.ngram import NGramProposer
@@ -100,20 +167,21 @@ def cmd_serve(ns: argparse.Namespace) -> int:
             "pip install 'specsplit[server]'"
         ) from None
 
-    s: ServeSettings = from_namespace(ns, ServeSettings)
     _few_malloc_arenas()
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    rate = s.rate or None
+    if secrets is None:  # the files given (plain serve), else their text sent to a replica
+        token = _read_secret(s.auth_token_file)
+        keys = Keys.load(s.keys_file, rate) if s.keys_file else None
+    else:
+        token = secrets.get("auth_token")
+        keys = Keys.parse(secrets["keys"], rate) if secrets.get("keys") else None
     config = ServerConfig(
         host=s.host,
-        port=s.port,
-        http_port=s.http_port,
+        port=s.port if port is None else port,
+        http_port=s.http_port if http else None,
         http_body_timeout=s.http_body_timeout,
-        auth_token=_read_secret(s.auth_token_file),
-        keys=Keys.load(s.keys_file, s.rate or None) if s.keys_file else None,
+        auth_token=token,
+        keys=keys,
         tls_cert=Path(s.tls_cert).read_bytes() if s.tls_cert else None,
         tls_key=Path(s.tls_key).read_bytes() if s.tls_key else None,
         max_sessions=s.max_sessions,
@@ -122,7 +190,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         max_draft=s.max_draft,
         kv_budget=parse_size(s.kv_budget) if s.kv_budget else None,
         idle_timeout=s.idle_timeout,
-        rate=s.rate or None,
+        rate=rate,
+        session_prefix=session_prefix,
     )
     if s.target_backend == "llama.cpp":
         from specsplit.backends.llamacpp_backend import LlamaCppBackend
@@ -144,16 +213,78 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         shared = make_proposer(s.draft, target, s.draft_backend, s.device, s.threads)
         lock = threading.Lock()
         make = lambda: [_Locked(shared, lock)]  # noqa: E731
-    server = SpecsplitServer(target, s.target, config, make)
-    server.start()
-    print(f"specsplit serving {s.target} on {s.host}:{server.port}", file=sys.stderr, flush=True)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    print("shutting down (rounds in flight finish first)", file=sys.stderr, flush=True)
-    server.stop(grace=5.0)
-    return 0
+    return SpecsplitServer(target, s.target, config, make)
+
+
+def replica_server(settings: dict, secrets: dict, session_prefix: str):  # noqa: ANN201
+    """A Ray replica's SpecsplitServer from the settings the deployment carries
+    (``cluster.app``)."""
+    return build_server(
+        ServeSettings(**settings),
+        port=0,
+        session_prefix=session_prefix,
+        http=False,
+        secrets=secrets,
+    )
+
+
+def _serve_on_ray(s: ServeSettings) -> int:
+    """`specsplit serve --ray`: the settings as a Ray Serve deployment (``cluster.launch``)."""
+    if s.tls_cert or s.tls_key:
+        raise ConfigError(
+            "--tls-cert with --ray: Ray Serve 2.60's gRPC proxy has no TLS; put a TLS-terminating "
+            "proxy in front of it, or run plain `specsplit serve` with TLS"
+        )
+    try:
+        from specsplit.cluster.launch import ClusterSpec, run
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"specsplit serve --ray needs {e.name}, which is not installed: "
+            "pip install 'specsplit[ray]'"
+        ) from None
+    from specsplit.transport.keys import Keys
+
+    secrets = {"auth_token": _read_secret(s.auth_token_file), "keys": None}
+    if s.keys_file:  # (read here, sent to every replica: the files need not be on every node)
+        Keys.load(s.keys_file, s.rate or None)  # a one-line error for a bad one, at once
+        secrets["keys"] = Path(s.keys_file).read_text()
+    spec = ClusterSpec.from_flags(
+        settings={f.name: getattr(s, f.name) for f in fields(ServeSettings) if f.name in _REPLICA},
+        secrets=secrets,
+        host=s.host,
+        grpc_port=s.port,
+        http_port=s.http_port,
+        replicas=s.replicas,
+        autoscale=s.autoscale,
+        target_sessions=s.target_sessions,
+        max_sessions=s.max_sessions,
+        threads=s.threads,
+        ray_address=s.ray_address,
+        drain_timeout=s.drain_timeout,
+        server_factory="specsplit.faces.serve:replica_server",
+    )
+    return run(spec)
+
+
+# what each replica builds its server from (everything but the Ray flags and the ports)
+_REPLICA = {
+    "target",
+    "target_backend",
+    "device",
+    "threads",
+    "n_ctx",
+    "host",
+    "http_body_timeout",
+    "max_sessions",
+    "max_streams",
+    "max_batch",
+    "max_draft",
+    "kv_budget",
+    "idle_timeout",
+    "rate",
+    "draft",
+    "draft_backend",
+}
 
 
 def _few_malloc_arenas(n: int = 2) -> None:

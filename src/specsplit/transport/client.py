@@ -4,7 +4,9 @@ Rounds go out on one bidirectional gRPC stream per session and their verdicts co
 order; a reader thread resolves each round's future. If the stream breaks (the server
 stopped, the network failed), pending rounds fail with ``SessionGone`` and the decoding loop
 calls ``open`` again with the token ids it has committed: the next server in the list (or
-the same one, once it is back) rebuilds the session from those ids, not from text.
+the same one, once it is back) rebuilds the session from those ids, not from text. A server
+that says the session moved (``SessionMoved``: a Ray replica going away) is left at once: a
+new handshake at the same address places the session on another replica.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import grpc
 
 from specsplit.backends.base import Tokenizer
 from specsplit.engine.verifier import Outcome, Verifier
-from specsplit.errors import ModelError, ServerFull, SessionGone, SpecsplitError
+from specsplit.errors import ModelError, ServerFull, SessionGone, SessionMoved, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.randomness import drafter_uniform
 from specsplit.sampling import SamplingParams
@@ -75,6 +77,7 @@ class RemoteVerifier(Verifier):
         self.session_id = ""
         self.join_token = ""
         self.reconnects = 0
+        self.moved = 0  # sessions the server told to move (each one resumed elsewhere)
         self._bytes_out = self._bytes_in = 0
         self._call = None
         self._sendq: queue.Queue | None = None
@@ -125,9 +128,17 @@ class RemoteVerifier(Verifier):
         self, prompt_ids: Sequence[int], params: SamplingParams, seed: int, first: bool = False
     ) -> int | None:
         """Open a session with the committed ids on the server in use; if it is gone or
-        full, on the next ones in turn (VerifierUnavailable names each one and why). With
-        ``first`` the server's prefill decides the first new token, returned."""
+        full, on the next ones in turn (VerifierUnavailable names each one and why). If the
+        last stream ended with "session moved", or broke on a replica the handshake placed it
+        on (a Ray deployment), handshake again first: a new placement. With ``first`` the
+        server's prefill decides the first new token, returned."""
+        ended = self._ended
         self._shutdown_call()
+        if isinstance(ended, SessionMoved):
+            self.moved += 1
+        placed = self.link.session_address != self.link.address
+        if isinstance(ended, SessionMoved) or (ended is not None and placed):
+            self._relink()
         while True:
             try:
                 token = self._open_on(self.link, prompt_ids, params, seed, first)
@@ -281,7 +292,7 @@ def join_and_draft(
     """Join another client's session as one more drafter: draft k tokens (at most the
     server's max_draft) for every round until the session ends. Returns the rounds this
     drafter took part in."""
-    link = Link(server, tokenizer.fingerprint(), auth_token, None, None, 10.0)
+    link = Link(server, tokenizer.fingerprint(), auth_token, None, None, 10.0, session_id)
     k = min(k, link.welcome.max_draft)
     sendq: queue.Queue = queue.Queue()
     sendq.put(

@@ -106,7 +106,17 @@ class Keys:
     def load(cls, path: str | Path, rate: float | None) -> Keys:
         """A keys file (see the module docstring); a one-line error for a bad one."""
         try:
-            doc = json.loads(Path(path).read_text())
+            text = Path(path).read_text()
+        except FileNotFoundError:
+            raise ConfigError(f"keys file not found: {path}") from None
+        return cls.parse(text, rate, str(path))
+
+    @classmethod
+    def parse(cls, text: str, rate: float | None, source: str = "keys") -> Keys:
+        """The keys of a keys file's text (``source`` names it in errors)."""
+        path = source
+        try:
+            doc = json.loads(text)
             entries = doc["keys"]
             if not isinstance(entries, list) or not entries:
                 raise ValueError("'keys' must be a non-empty list")
@@ -125,8 +135,6 @@ class Keys:
                     raise ValueError(f"key {name}: rate must be > 0 and token_quota >= 0")
                 out[key] = Principal(name, r, None if q is None else int(q))
                 names.add(name)
-        except FileNotFoundError:
-            raise ConfigError(f"keys file not found: {path}") from None
         except (ValueError, KeyError, TypeError) as e:
             raise ConfigError(f"bad keys file {path}: {e}") from None
         return cls(out, rate)

@@ -1,5 +1,10 @@
 """What every client of a specsplit server shares: one channel after a successful handshake,
-the order in which the servers of a list are tried, and gRPC failures as engine errors."""
+the order in which the servers of a list are tried, and gRPC failures as engine errors.
+
+A server may place the client elsewhere: a Ray Serve deployment answers the handshake on
+its proxy port and names the replica that will hold the session (``Welcome.session_address``);
+sessions, Generate and Vocabulary calls then go there on a second channel. The client always
+sends the Serve application's name as metadata (a plain server ignores it)."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from specsplit.errors import (
     Overloaded,
     ServerFull,
     SessionGone,
+    SessionMoved,
     SpecsplitError,
     VerifierUnavailable,
 )
@@ -36,16 +42,20 @@ RETRYABLE = {
     grpc.StatusCode.INTERNAL,
 }
 GRPC_FULL = "Concurrent RPC limit exceeded!"  # gRPC's own refusal (a server we do not run)
+SERVE_FULL = "Request dropped due to backpressure"  # Ray Serve's: every replica busy, queue full
 
 
 def error_of(e: grpc.RpcError) -> SpecsplitError:
     """A gRPC failure as an engine error: ServerFull and SessionGone mean another attempt
-    (the next server, or the same one later) may succeed; the others are final."""
+    (the next server, or the same one later) may succeed, SessionMoved that it should be made
+    at once through the handshake address; the others are final."""
     code, details = e.code(), " ".join((e.details() or "").split())
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED and (
-        details.startswith(wire.FULL) or details == GRPC_FULL
+        details.startswith((wire.FULL, SERVE_FULL)) or details == GRPC_FULL
     ):
         return ServerFull(details)
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(wire.MOVED):
+        return SessionMoved(details)
     if code in RETRYABLE:
         return SessionGone(f"{code.name}: {details}")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -53,8 +63,18 @@ def error_of(e: grpc.RpcError) -> SpecsplitError:
     return ConfigError(f"server refused ({code.name}): {details}")
 
 
+def _channel(address: str, tls_ca: bytes | None) -> grpc.Channel:
+    if tls_ca is not None:
+        creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
+        return grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
 class Link:
-    """One channel to one server, after a successful handshake (``welcome``: its limits)."""
+    """A server after a successful handshake (``welcome``: its limits): ``stub`` calls the
+    address that holds sessions (``session_address``: the handshake's own, or the replica a
+    Ray deployment placed the client on). ``join_session``: the id of a session this client
+    joins as a drafter, so that a Ray deployment places it on the session's replica."""
 
     def __init__(
         self,
@@ -64,15 +84,14 @@ class Link:
         tls_ca: bytes | None,
         expect_identity: str | None,
         timeout: float,
+        join_session: str = "",
     ) -> None:
         self.address = address
-        if tls_ca is not None:
-            creds = grpc.ssl_channel_credentials(root_certificates=tls_ca)
-            self.channel = grpc.secure_channel(address, creds, options=CHANNEL_OPTIONS)
-        else:
-            self.channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
-        self.stub = pb_grpc.VerifierStub(self.channel)
-        self.metadata = [("authorization", f"Bearer {auth_token}")] if auth_token else []
+        self.channel = _channel(address, tls_ca)
+        self.metadata = [("application", wire.APPLICATION)]
+        if auth_token:
+            self.metadata.append(("authorization", f"Bearer {auth_token}"))
+        placement = [("session_id", join_session)] if join_session else []  # (Serve's routing)
         hello = pb.Hello(
             protocol_version=wire.PROTOCOL_VERSION,
             tokenizer_fingerprint=fingerprint,
@@ -81,16 +100,25 @@ class Link:
         self.bytes_out = hello.ByteSize() + wire.GRPC_FRAME
         try:
             t0 = time.perf_counter()
-            self.welcome: pb.Welcome = self.stub.Handshake(
-                hello, metadata=self.metadata, timeout=timeout
+            self.welcome: pb.Welcome = pb_grpc.VerifierStub(self.channel).Handshake(
+                hello, metadata=self.metadata + placement, timeout=timeout
             )
             self.rtt = time.perf_counter() - t0
         except grpc.RpcError as e:
             self.channel.close()
             raise error_of(e) from None
         self.bytes_in = self.welcome.ByteSize() + wire.GRPC_FRAME
+        self.session_address = self.welcome.session_address or address
+        self.session_channel = (
+            self.channel
+            if self.session_address == address
+            else _channel(self.session_address, tls_ca)
+        )
+        self.stub = pb_grpc.VerifierStub(self.session_channel)
 
     def close(self) -> None:
+        if self.session_channel is not self.channel:
+            self.session_channel.close()
         self.channel.close()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent import futures
 from dataclasses import dataclass
@@ -29,8 +30,7 @@ from specsplit.transport.http_face.metrics import server_registry
 from specsplit.transport.http_face.status import DrafterTally, server_status
 from specsplit.transport.keys import Keys
 from specsplit.transport.link import MAX_MESSAGE
-from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
-from specsplit.transport.service import VerifierService
+from specsplit.transport.service import VerifierService, add_to_server
 
 log = logging.getLogger("specsplit.server")
 
@@ -63,6 +63,7 @@ class ServerConfig:
     prefill_chunk: int = 256
     batch_window: float = 0.005
     calibrate: bool = True  # measure target pass costs at start (sent in the handshake)
+    session_prefix: str = ""  # begins every session id (a Ray replica's name)
 
 
 class _Auth(grpc.ServerInterceptor):
@@ -115,6 +116,7 @@ class SpecsplitServer:
             batch_window=c.batch_window,
             idle_timeout=c.idle_timeout,
             cost_shape=shape,
+            id_prefix=c.session_prefix,
         )
         if c.keys is not None and c.auth_token is not None:
             raise ConfigError("give either a keys file or one auth token, not both")
@@ -153,7 +155,7 @@ class SpecsplitServer:
             ],
             maximum_concurrent_rpcs=rpcs,
         )
-        pb_grpc.add_VerifierServicer_to_server(self.service, self.grpc)
+        add_to_server(self.service, self.grpc)
         address = f"{c.host}:{c.port}"
         if c.tls_cert is not None:
             creds = grpc.ssl_server_credentials([(c.tls_key, c.tls_cert)])
@@ -201,6 +203,16 @@ class SpecsplitServer:
         """The HTTP face's generate function: a session of the scheduler, server drafting."""
         loop = DecodeLoop(ScheduledVerifier(self.scheduler), self.make_proposers())
         return self.drafter.watch(loop.stream(req))
+
+    def drain(self, reason: str, timeout: float) -> int:
+        """Going away on purpose: refuse new sessions, tell the open ones to move (their
+        clients resume elsewhere from the ids they hold) and wait up to ``timeout`` seconds
+        for their streams to end. Returns the session and Generate streams still open."""
+        self.service.drain(reason)
+        end = time.monotonic() + timeout
+        while self.service.streams.n and time.monotonic() < end:
+            time.sleep(0.02)
+        return self.service.streams.n
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking new work, let rounds in flight finish for ``grace`` seconds, then end."""

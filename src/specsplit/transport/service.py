@@ -3,7 +3,9 @@
 No decoding logic lives here: sessions and batching are the engine's ``BatchScheduler``;
 this module checks every message, maps errors to gRPC status codes with a one-line reason,
 and hands rounds to each session's ``hub.Hub``, which routes verdicts back to its client
-streams (several, when other drafters joined it with its id and join token).
+streams (several, when other drafters joined it with its id and join token). A server going
+away on purpose (``drain``) tells its open sessions to move and refuses new ones, with
+UNAVAILABLE and a reason beginning "session moved:" (``wire.MOVED``).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from contextlib import closing
 from dataclasses import dataclass, field
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from specsplit.backends.vocab_file import vocab_blob
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
@@ -60,6 +63,59 @@ def reason_of(e: BaseException) -> str:
     """The one-line reason for an engine error ("server full: ..." where another server may
     serve: clients then try their next one)."""
     return f"{wire.FULL} {e}" if isinstance(e, ServerFull) else str(e)
+
+
+class Malformed:
+    """A request whose bytes do not decode as its message (refused with INVALID_ARGUMENT).
+
+    gRPC answers a request its deserializer cannot parse with INTERNAL ("Exception
+    deserializing request!"), which clients read as a server failure and retry elsewhere; the
+    service's deserializers hand this over instead, and the servicer refuses it."""
+
+    def __init__(self, message: str, error: DecodeError) -> None:
+        self.reason = f"malformed {message} message: {' '.join(str(error).split())}"
+
+
+def _lenient(cls: type) -> Callable[[bytes], object]:
+    """cls.FromString, but undecodable bytes give a ``Malformed`` instead of an exception."""
+
+    def parse(data: bytes) -> object:
+        try:
+            return cls.FromString(data)
+        except DecodeError as e:
+            return Malformed(cls.DESCRIPTOR.name, e)
+
+    return parse
+
+
+def add_to_server(service: VerifierService, server: grpc.Server) -> None:
+    """Register the service's RPCs (as the generated ``add_VerifierServicer_to_server`` does,
+    with deserializers that let the servicer refuse undecodable bytes itself)."""
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(
+            service.Handshake,
+            request_deserializer=_lenient(pb.Hello),
+            response_serializer=pb.Welcome.SerializeToString,
+        ),
+        "Session": grpc.stream_stream_rpc_method_handler(
+            service.Session,
+            request_deserializer=_lenient(pb.ClientMsg),
+            response_serializer=pb.ServerMsg.SerializeToString,
+        ),
+        "Generate": grpc.unary_stream_rpc_method_handler(
+            service.Generate,
+            request_deserializer=_lenient(pb.GenerateRequest),
+            response_serializer=pb.GenerateChunk.SerializeToString,
+        ),
+        "Vocabulary": grpc.unary_stream_rpc_method_handler(
+            service.Vocabulary,
+            request_deserializer=_lenient(pb.VocabularyRequest),
+            response_serializer=pb.VocabularyChunk.SerializeToString,
+        ),
+    }
+    name = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
 
 
 class Refused(Exception):
@@ -137,6 +193,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         # session streams (owners and joined drafters) and Generate calls at once
         self.streams = Streams(max_streams or 2 * scheduler.max_sessions)
         self.hubs: dict[str, Hub] = {}
+        self.moving: str | None = None  # "session moved: why", once drain() was called
         self._vocab: bytes | None = None
         self._vocab_lock = threading.Lock()
         self._lock = threading.Lock()
@@ -160,6 +217,27 @@ class VerifierService(pb_grpc.VerifierServicer):
         except Overloaded as e:
             self._refuse_error(context, e)
         return p
+
+    def _check_decoded(self, msg: object, context: grpc.ServicerContext) -> None:
+        if isinstance(msg, Malformed):
+            self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, msg.reason)
+
+    def _refuse_if_moving(self, context: grpc.ServicerContext) -> None:
+        if self.moving is not None:
+            self._refuse(context, grpc.StatusCode.UNAVAILABLE, self.moving)
+
+    def drain(self, reason: str) -> int:
+        """Going away on purpose: from now on refuse handshakes, sessions and Generate calls
+        with "session moved: reason", and tell every open session stream (joined drafters
+        too) to move, after the verdicts of the rounds it already sent. Returns the number
+        of streams told. Their clients resume elsewhere from the token ids they hold."""
+        with self._lock:
+            self.moving = f"{wire.MOVED} {reason}"
+            members = [m for hub in self.hubs.values() for m in list(hub.members)]
+        for m in members:
+            m.out.put(Refused(grpc.StatusCode.UNAVAILABLE, self.moving))
+        log.info("draining reason=%r streams_told=%d", reason, len(members))
+        return len(members)
 
     def _take_stream(self, context: grpc.ServicerContext) -> None:
         if not self.streams.take(context):
@@ -186,7 +264,9 @@ class VerifierService(pb_grpc.VerifierServicer):
     # ---- Handshake ----
 
     def Handshake(self, request: pb.Hello, context: grpc.ServicerContext) -> pb.Welcome:
+        self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
+        self._refuse_if_moving(context)
         if request.protocol_version != wire.PROTOCOL_VERSION:
             self._refuse(
                 context,
@@ -224,7 +304,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         self, request_iterator: Iterator[pb.ClientMsg], context: grpc.ServicerContext
     ) -> Iterator[pb.ServerMsg]:
         self._take_stream(context)
+        self._refuse_if_moving(context)
         first = next(request_iterator, None)
+        self._check_decoded(first, context)
         if first is None or first.WhichOneof("msg") != "open":
             self._refuse(
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Open"
@@ -292,6 +374,11 @@ class VerifierService(pb_grpc.VerifierServicer):
                 self._refuse(context, grpc.StatusCode.PERMISSION_DENIED, "wrong join token")
             self._check_client(req.tokenizer_fingerprint, context)
             member = hub.join(joined=True)
+            with self._lock:  # drain() told this member, or it sees moving here
+                moving = self.moving
+            if moving is not None:
+                hub.leave(member)
+                self._refuse(context, grpc.StatusCode.UNAVAILABLE, moving)
             member.snapshot = hub.served.state.snapshot()
             return hub, member
         self._check_client(req.tokenizer_fingerprint, context)
@@ -316,7 +403,12 @@ class VerifierService(pb_grpc.VerifierServicer):
             self._refuse(context, grpc.StatusCode.CANCELLED, "client went away")
         hub = Hub(self.scheduler, served)
         with self._lock:
-            self.hubs[served.id] = hub
+            moving = self.moving  # (checked with the lock: drain() sees every hub or none)
+            if moving is None:
+                self.hubs[served.id] = hub
+        if moving is not None:
+            self.scheduler.close(served, moving)
+            self._refuse(context, grpc.StatusCode.UNAVAILABLE, moving)
         log.info(
             "session open id=%s peer=%s prompt_tokens=%d temperature=%g",
             served.id,
@@ -339,6 +431,8 @@ class VerifierService(pb_grpc.VerifierServicer):
         vocab = self.scheduler.target.vocab_size
         try:
             for msg in requests:
+                if isinstance(msg, Malformed):
+                    raise Refused(grpc.StatusCode.INVALID_ARGUMENT, msg.reason)
                 self.counters.add(msg.ByteSize() + wire.GRPC_FRAME)
                 kind = msg.WhichOneof("msg")
                 if kind == "close":
@@ -377,6 +471,7 @@ class VerifierService(pb_grpc.VerifierServicer):
     def Vocabulary(
         self, request: pb.VocabularyRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.VocabularyChunk]:
+        self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         if request.tokenizer_fingerprint not in ("", self.fingerprint):
             self._refuse(
@@ -412,8 +507,10 @@ class VerifierService(pb_grpc.VerifierServicer):
     def Generate(
         self, request: pb.GenerateRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.GenerateChunk]:
+        self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         self._take_stream(context)
+        self._refuse_if_moving(context)
         principal = self._principal(context)
         try:
             req = self.generation_request(request)
@@ -433,6 +530,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         for chunk in stream:
             if not context.is_active():
                 return
+            self._refuse_if_moving(context)  # (the client resumes elsewhere from what it has)
             msg = pb.GenerateChunk(text=chunk.text, token_ids=chunk.token_ids)
             if first:  # the prompt as rendered here: a resume elsewhere sends these ids
                 msg.prompt_ids.extend(int(t) for t in req.prompt_ids)

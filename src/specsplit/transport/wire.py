@@ -26,6 +26,8 @@ Q_TOTAL = 1 << QUANT_BITS
 MICROS = 1e6
 GRPC_FRAME = 5  # bytes of gRPC framing per message (flag + length), for the byte counters
 FULL = "server full:"  # how a RESOURCE_EXHAUSTED reason begins when another server may serve
+MOVED = "session moved:"  # how an UNAVAILABLE reason begins when the server is going away
+APPLICATION = "specsplit"  # the Ray Serve application a client asks for (metadata "application")
 DEFAULT_MAX_NEW = 128  # Generate's max_new_tokens when the request leaves it unset
 
 
@@ -42,11 +44,11 @@ def sampling_to_pb(p: SamplingParams) -> pb.Sampling:
 
 def sampling_from_pb(m: pb.Sampling) -> SamplingParams:
     """Validated settings, exactly the sender's values (doubles); top_p 0 means off, as an
-    unset proto3 field reads 0."""
+    unset proto3 field reads 0 (only 0: a negative or NaN top_p is refused, not read as off)."""
     return SamplingParams(
         temperature=float(m.temperature),
         top_k=int(m.top_k),
-        top_p=float(m.top_p) if m.top_p > 0 else 1.0,
+        top_p=float(m.top_p) if m.top_p != 0 else 1.0,
         min_p=float(m.min_p),
     )
 

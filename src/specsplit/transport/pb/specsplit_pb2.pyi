@@ -25,7 +25,7 @@ class CostPoint(_message.Message):
     def __init__(self, n: _Optional[int] = ..., micros: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "target_identity", "tokenizer_fingerprint", "target_name", "vocab_size", "n_ctx", "max_draft", "verify_cost")
+    __slots__ = ("protocol_version", "target_identity", "tokenizer_fingerprint", "target_name", "vocab_size", "n_ctx", "max_draft", "verify_cost", "session_address")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,7 @@ class Welcome(_message.Message):
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     MAX_DRAFT_FIELD_NUMBER: _ClassVar[int]
     VERIFY_COST_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     target_identity: str
     tokenizer_fingerprint: str
@@ -42,7 +43,8 @@ class Welcome(_message.Message):
     n_ctx: int
     max_draft: int
     verify_cost: _containers.RepeatedCompositeFieldContainer[CostPoint]
-    def __init__(self, protocol_version: _Optional[int] = ..., target_identity: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., target_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., verify_cost: _Optional[_Iterable[_Union[CostPoint, _Mapping]]] = ...) -> None: ...
+    session_address: str
+    def __init__(self, protocol_version: _Optional[int] = ..., target_identity: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., target_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., verify_cost: _Optional[_Iterable[_Union[CostPoint, _Mapping]]] = ..., session_address: _Optional[str] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p")

@@ -27,7 +27,11 @@ if _version_not_supported:
 
 class VerifierStub:
     """Every refusal carries a status and a one-line reason. A server at its limit of sessions or
-    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another).
+    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another). A
+    server that is going away (a Ray replica removed by a scale-down or a redeploy) ends its
+    open sessions, and refuses new ones, with UNAVAILABLE and a reason beginning
+    "session moved:": the client handshakes again at the address it was given (which places
+    it on another replica) and resumes from the token ids it has committed.
     """
 
     def __init__(self, channel):
@@ -60,7 +64,11 @@ class VerifierStub:
 
 class VerifierServicer:
     """Every refusal carries a status and a one-line reason. A server at its limit of sessions or
-    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another).
+    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another). A
+    server that is going away (a Ray replica removed by a scale-down or a redeploy) ends its
+    open sessions, and refuses new ones, with UNAVAILABLE and a reason beginning
+    "session moved:": the client handshakes again at the address it was given (which places
+    it on another replica) and resumes from the token ids it has committed.
     """
 
     def Handshake(self, request, context):
@@ -125,7 +133,11 @@ def add_VerifierServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Verifier:
     """Every refusal carries a status and a one-line reason. A server at its limit of sessions or
-    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another).
+    streams answers RESOURCE_EXHAUSTED with a reason beginning "server full:" (try another). A
+    server that is going away (a Ray replica removed by a scale-down or a redeploy) ends its
+    open sessions, and refuses new ones, with UNAVAILABLE and a reason beginning
+    "session moved:": the client handshakes again at the address it was given (which places
+    it on another replica) and resumes from the token ids it has committed.
     """
 
     @staticmethod
