@@ -98,7 +98,9 @@ def _generate(server, tok, key: str, n: int) -> list[int]:  # noqa: ANN001
 
 
 def _http(server, key: str | None, max_tokens: int = 8) -> tuple[int, dict]:  # noqa: ANN001
-    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": max_tokens}).encode()
+    body = json.dumps(
+        {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens, "seed": 1}
+    ).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{server.http.port}/v1/completions",
         body,
@@ -130,7 +132,7 @@ def test_unknown_keys_are_refused_on_both_faces(server, tok):
 def test_a_quota_spans_grpc_and_http_and_other_keys_go_on(server, tok):
     assert len(_generate(server, tok, ALICE, 20)) == 20  # 20 of alice's 30 tokens
     status, body = _http(server, ALICE, max_tokens=12)  # 32 of 30: this one still ran
-    assert status == 200 and body["usage"]["completion_tokens"] == 12
+    assert status == 200 and body["usage"]["completion_tokens"] == 12, body
     status, body = _http(server, ALICE)  # and now she is out, on HTTP ...
     assert status == 429 and body["error"]["code"] == "insufficient_quota"
     assert "key alice used 32 of its 30 tokens" in body["error"]["message"]

@@ -328,6 +328,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         )
         if not member.joined and served.state.first is not None:
             opened.first_token = served.state.first
+            principal.used(1)  # a generated token, as the ones a verdict commits
         yield self._out(pb.ServerMsg(opened=opened))
         reader = threading.Thread(
             target=self._read,
