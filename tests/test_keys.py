@@ -99,7 +99,7 @@ def _generate(server, tok, key: str, n: int) -> list[int]:  # noqa: ANN001
 
 def _http(server, key: str | None, max_tokens: int = 8) -> tuple[int, dict]:  # noqa: ANN001
     body = json.dumps(
-        {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens, "seed": 1}
+        {"model": "tiny", "prompt": "hello", "max_tokens": max_tokens, "temperature": 0}
     ).encode()
     req = urllib.request.Request(
         f"http://127.0.0.1:{server.http.port}/v1/completions",
