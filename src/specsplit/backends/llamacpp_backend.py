@@ -302,7 +302,11 @@ class LlamaCppBackend(Backend):
         path = registry.resolve_gguf(name_or_path)
         if gpu_layers != 0 and not _llama().llama_supports_gpu_offload():
             raise ConfigError("this llama-cpp-python build has no GPU support; use device cpu")
-        return cls(_Model(path, gpu_layers=gpu_layers), n_ctx, threads, n_seq_max, seed, flash_attn)
+        backend = cls(
+            _Model(path, gpu_layers=gpu_layers), n_ctx, threads, n_seq_max, seed, flash_attn
+        )
+        backend.source_gguf = path
+        return backend
 
     # ---- sequences -----------------------------------------------------------------------
 

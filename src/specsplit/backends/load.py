@@ -29,7 +29,13 @@ def load_backend(
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be >= 1, got {threads}")
     if kind == "torch":
-        from specsplit.backends.torch_backend import TorchBackend
+        try:
+            from specsplit.backends.torch_backend import TorchBackend
+        except ModuleNotFoundError as e:
+            raise ConfigError(
+                f"the torch backend needs {e.name}, which is not installed: "
+                "pip install 'specsplit[torch]' (or use --target-backend llama.cpp)"
+            ) from None
 
         return TorchBackend.load(ref, device=device, threads=threads, n_ctx=n_ctx)
     if kind == "llama.cpp":
@@ -42,7 +48,12 @@ def load_backend(
     if kind == "numpy":
         if device != "cpu":
             raise ConfigError("the numpy backend runs on the cpu only")
-        from specsplit.backends.numpy_backend import NumpyBackend
+        try:
+            from specsplit.backends.numpy_backend import NumpyBackend
+        except ModuleNotFoundError as e:
+            raise ConfigError(
+                f"the numpy backend reads GGUF files with {e.name}: pip install 'specsplit[torch]'"
+            ) from None
 
         return NumpyBackend.load(ref)
     raise ConfigError(f"unknown backend {kind!r}; choose one of {', '.join(BACKENDS)}")

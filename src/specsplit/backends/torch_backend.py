@@ -112,12 +112,12 @@ class TorchBackend(Backend):
             raise ConfigError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
         _check_device(device)
         if ref in registry.MODELS or ref.endswith(".gguf"):
-            model, tok, origin = _load_gguf(registry.resolve_gguf(ref), tdtype)
+            gguf = registry.resolve_gguf(ref)
+            model, tok, origin = _load_gguf(gguf, tdtype)
         elif Path(ref).expanduser().is_dir():
-            model, tok, origin = (
-                *_load_transformers(str(Path(ref).expanduser()), tdtype),
-                "folder",
-            )
+            with _no_progress_bars():  # a local load takes seconds, like a cached one
+                model, tok = _load_transformers(str(Path(ref).expanduser()), tdtype)
+            origin = "folder"
         elif ref.count("/") == 1 and not Path(ref).exists():
             model, tok, origin = (*_load_hub(ref, tdtype), "hub")
         else:
@@ -125,6 +125,8 @@ class TorchBackend(Backend):
             raise AssertionError("unreachable")
         backend = cls(model, tok, device=device, n_ctx=n_ctx)
         backend.origin = origin
+        if ref in registry.MODELS or ref.endswith(".gguf"):
+            backend.source_gguf = gguf
         return backend
 
     # ---- sequences -----------------------------------------------------------------------
@@ -417,27 +419,32 @@ def _check_device(device: str) -> torch.device:
     return dev
 
 
-def _tokenizer(source: str, model: Any, fingerprint: str | None = None) -> HFTokenizer:
+def _tokenizer(source: str, model: Any, fingerprint: str | None = None, **kw: Any) -> HFTokenizer:
     from transformers import AutoTokenizer
 
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    hf_tok = AutoTokenizer.from_pretrained(source)
+    hf_tok = AutoTokenizer.from_pretrained(source, **kw)
     return HFTokenizer(hf_tok, fingerprint=fingerprint, generation_eos=eos)
 
 
 def _load_transformers(
-    source: str, dtype: torch.dtype, fingerprint: str | None = None
+    source: str, dtype: torch.dtype, fingerprint: str | None = None, **kw: Any
 ) -> tuple[Any, HFTokenizer]:
-    """Model and tokenizer from a transformers folder or hub id."""
+    """Model and tokenizer from a transformers folder or hub id (kw: from_pretrained's)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)  # attention: see __init__
-    return model, _tokenizer(source, model, fingerprint)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype, **kw
+    )  # attention: see __init__
+    return model, _tokenizer(source, model, fingerprint, **kw)
 
 
 def _load_hub(hub_id: str, dtype: torch.dtype) -> tuple[Any, HFTokenizer]:
+    """From the hub, or only from the local Hugging Face cache where the hub is unreachable
+    (a quick probe, instead of huggingface_hub's retries with backoff)."""
+    local_only = registry.hub_offline() or not registry.hub_reachable()
     try:
-        return _load_transformers(hub_id, dtype)
+        return _load_transformers(hub_id, dtype, local_files_only=local_only)
     except Exception as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(
@@ -461,7 +468,8 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[Any, HFTokenizer, str]:
 
 @contextlib.contextmanager
 def _no_progress_bars() -> Iterator[None]:
-    """Silence transformers' per-load progress bars (kept for the slow GGUF conversion)."""
+    """Silence transformers' per-load progress bars of local folders (kept for the slow GGUF
+    conversion and for hub downloads)."""
     from transformers.utils import logging as hf_logging
 
     was_on = hf_logging.is_progress_bar_enabled()

@@ -70,12 +70,16 @@ class Chunk:
 
     origins[i] says how token_ids[i] came: "accepted:<drafter>" (a draft token the target
     accepted), "correction" (the target's token after a rejection), "bonus" (the target's
-    token after every draft token passed) or "target" (a round without drafts)."""
+    token after every draft token passed) or "target" (a round without drafts).
+
+    stats is the request's statistics so far (the loop's own object: read it before asking
+    for the next chunk), so a stream can show acceptance and tau as it goes."""
 
     text: str
     token_ids: list[int]
     result: GenerationResult | None = field(default=None)
     origins: list[str] = field(default_factory=list)
+    stats: GenerationStats | None = field(default=None)
 
 
 def default_policy(proposers: Sequence[Proposer], k: int | None, k_max: int) -> DraftLengthPolicy:
@@ -316,12 +320,12 @@ class DecodeLoop:
                     stats.t_first_token = time.perf_counter() - t_arrival
                 piece = text.update(out, final=finish is not None)
                 if finish is None:
-                    yield Chunk(piece, new, origins=origins[: len(new)])
+                    yield Chunk(piece, new, origins=origins[: len(new)], stats=stats)
             stats.t_total = time.perf_counter() - t_arrival
             sent, received = self.verifier.traffic()
             stats.bytes_sent, stats.bytes_received = sent - sent0, received - received0
             result = GenerationResult(out, text.emitted, finish, stats)
-            yield Chunk(piece, new, result, origins[: len(new)])
+            yield Chunk(piece, new, result, origins[: len(new)], stats)
         finally:
             self.verifier.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 
 from specsplit.backends.base import Backend
@@ -128,8 +129,10 @@ class SpeculativeDecoder:
         return self.engine.stream(self.request(prompt, **kw))
 
 
+@functools.cache
 def load_tokenizer(ref: str):  # noqa: ANN201
-    """The tokenizer of a model name or .gguf path, without loading its weights."""
+    """The tokenizer of a model name or .gguf path, without loading its weights (once per
+    process)."""
     from specsplit.backends.gguf_tokenizer import GGUFTokenizer
     from specsplit.registry import resolve_gguf
 
@@ -138,14 +141,15 @@ def load_tokenizer(ref: str):  # noqa: ANN201
 
 class EdgeDecoder(SpeculativeDecoder):
     """The edge half: drafts here, verifies on a specsplit server (``servers``, in order of
-    preference; the next one takes over if one fails)."""
+    preference; the next one takes over if one fails). The client needs no target: it uses
+    the server's, and its tokenizer (fetched once) where the drafter has none of its own; a
+    draft model must share the target's vocabulary."""
 
     def __init__(
         self,
         servers: Sequence[str],
         draft: DraftSpec = DEFAULT_DRAFT,
         *,
-        tokenizer_of: str = DEFAULT_TARGET,
         draft_backend: str = DEFAULT_DRAFT_BACKEND,
         draft_device: str = "cpu",
         draft_threads: int | None = None,
@@ -160,25 +164,29 @@ class EdgeDecoder(SpeculativeDecoder):
         from specsplit.engine.speculative import DecodeLoop, default_policy
         from specsplit.transport.client import RemoteVerifier
 
-        if isinstance(draft, str) and draft not in ("ngram", "none"):
+        is_model = isinstance(draft, Backend) or (
+            isinstance(draft, str) and draft not in ("ngram", "none")
+        )
+        self.verifier = RemoteVerifier(
+            servers,
+            auth_token=auth_token,
+            tls_ca_file=tls_ca_file,
+            fetch_tokenizer=not is_model,
+        )
+        if isinstance(draft, str) and is_model:
+            _check_draft_vocab(draft, self.verifier)  # before loading it: fail at once
             draft = load_backend(
                 draft_backend, draft, device=draft_device, threads=draft_threads, n_ctx=n_ctx
             )
         proposer: Proposer | None
         if isinstance(draft, Backend):  # sampled drafts cross the wire quantized
             proposer = DraftModelProposer(draft, top_m=top_m, quantize=True)
+            self.verifier.adopt(draft.tokenizer)
         elif draft == "ngram":
             proposer = NGramProposer()
         else:
             proposer = draft if isinstance(draft, Proposer) else None
-        tokenizer = (
-            proposer.backend.tokenizer
-            if isinstance(proposer, DraftModelProposer)
-            else load_tokenizer(tokenizer_of)
-        )
-        self.verifier = RemoteVerifier(
-            servers, tokenizer, auth_token=auth_token, tls_ca_file=tls_ca_file
-        )
+        tokenizer = self.verifier.tokenizer
         self.proposers = [proposer] if proposer is not None else []
         self.policy = default_policy(self.proposers, k, 16)
         self.engine = DecodeLoop(self.verifier, self.proposers, self.policy)  # type: ignore[assignment]
@@ -194,6 +202,22 @@ class EdgeDecoder(SpeculativeDecoder):
 
     def close(self) -> None:
         self.verifier.shutdown()
+
+
+def _check_draft_vocab(draft: str, verifier) -> None:  # noqa: ANN001
+    """A registry draft model whose vocabulary is not the server's target's: a one-line
+    error naming the server's model and what to pass, before anything is fetched."""
+    from specsplit import registry
+
+    spec = registry.MODELS.get(draft)
+    if spec is None or spec.vocab == verifier.fingerprint:
+        return
+    fits = [m.name for m in registry.MODELS.values() if m.vocab == verifier.fingerprint]
+    hint = f"--draft {' or --draft '.join(fits)}, " if fits else ""
+    raise ModelError(
+        f"the draft {draft} does not share the vocabulary of the server's target "
+        f"{verifier.target_name}: pass {hint}a draft model of that vocabulary, or --draft ngram"
+    )
 
 
 class _TokenizerOnly:

@@ -30,7 +30,7 @@ def _summary(stats) -> str:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from specsplit.faces.api import DEFAULT_DRAFT, SpeculativeDecoder
+    from specsplit.faces.api import DEFAULT_DRAFT, DEFAULT_TARGET, SpeculativeDecoder
 
     s: GenerateSettings = from_namespace(ns)
     k = parse_k(s.k)
@@ -42,7 +42,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     if s.server:
         return _generate_remote(ns, s, k)
     decoder = SpeculativeDecoder(
-        s.target,
+        s.target or DEFAULT_TARGET,
         s.draft or [DEFAULT_DRAFT],
         target_backend=s.target_backend,
         draft_backend=s.draft_backend,
@@ -117,7 +117,6 @@ def _generate_remote(ns: argparse.Namespace, s: GenerateSettings, k: int | None)
     decoder = EdgeDecoder(
         s.server,
         drafts[0],
-        tokenizer_of=s.target,
         draft_backend=s.draft_backend,
         draft_device=s.draft_device,
         draft_threads=s.draft_threads,
@@ -128,6 +127,11 @@ def _generate_remote(ns: argparse.Namespace, s: GenerateSettings, k: int | None)
         tls_ca_file=s.tls_ca,
     )
     try:
+        if s.target and decoder.verifier.target_name != s.target:
+            raise ConfigError(
+                f"the server serves {decoder.verifier.target_name}, not {s.target} "
+                "(drop --target to use it)"
+            )
         _print_stream(decoder.engine.stream(_request(decoder, ns, s)), s.json)
     finally:
         decoder.close()
@@ -137,14 +141,12 @@ def _generate_remote(ns: argparse.Namespace, s: GenerateSettings, k: int | None)
 def _generate_cloud(ns: argparse.Namespace, s: GenerateSettings, token: str | None) -> int:
     """The server generates alone and streams; the client needs no model. If a server fails
     mid-stream, the next --server goes on from the ids already received."""
-    from specsplit.faces.api import load_tokenizer
     from specsplit.transport.client import generate_cloud
 
-    tok = load_tokenizer(s.target)
     params = SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
     chunks = generate_cloud(
         s.server,
-        tok.fingerprint(),
+        expect_target=s.target,
         prompt=ns.prompt,
         max_new_tokens=s.max_new_tokens,
         params=params,

@@ -40,10 +40,18 @@ class ServeSettings:
     port: int = _f(50051, "gRPC port (0: any free port, printed at start)", type=int)
     http_port: int | None = _f(
         None,
-        "port of the OpenAI-style HTTP face with /health and /metrics (off if unset)",
+        "port of the OpenAI-style HTTP face with /health, /metrics and the page (off if unset)",
         type=int,
     )
+    http_body_timeout: float = _f(
+        10.0, "seconds an HTTP request body may take to arrive whole (else 408)", type=float
+    )
     auth_token_file: str | None = _f(None, "file with the bearer token clients must send")
+    keys_file: str | None = _f(
+        None,
+        "JSON file of API keys, each with a name and optionally a rate and a token quota "
+        "(instead of --auth-token-file; see the README)",
+    )
     tls_cert: str | None = _f(None, "PEM certificate chain (with --tls-key: gRPC over TLS)")
     tls_key: str | None = _f(None, "PEM private key")
     max_sessions: int = _f(64, "most open sessions", type=int)
@@ -57,7 +65,12 @@ class ServeSettings:
     max_draft: int = _f(16, "most draft tokens per round", type=int)
     kv_budget: str | None = _f(None, "KV cache budget for all sessions, e.g. 2GiB (none if unset)")
     idle_timeout: float = _f(300.0, "seconds before an idle session is closed", type=float)
-    rate: float = _f(200.0, "rounds per second per client (0: no limit)", type=float)
+    rate: float = _f(
+        200.0,
+        "calls (draft rounds, requests) per second per key, or per client address without "
+        "keys (0: no limit)",
+        type=float,
+    )
     draft: str = _f(
         "ngram", "the server's own drafter for the HTTP face and Generate: ngram, none or a model"
     )
@@ -77,7 +90,15 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     from specsplit.backends.load import load_backend
     from specsplit.faces.api import make_proposer
     from specsplit.proposers.ngram import NGramProposer
-    from specsplit.transport.server import ServerConfig, SpecsplitServer
+
+    try:
+        from specsplit.transport.keys import Keys
+        from specsplit.transport.server import ServerConfig, SpecsplitServer
+    except ModuleNotFoundError as e:
+        raise ConfigError(
+            f"specsplit serve needs {e.name}, which is not installed: "
+            "pip install 'specsplit[server]'"
+        ) from None
 
     s: ServeSettings = from_namespace(ns, ServeSettings)
     _few_malloc_arenas()
@@ -90,7 +111,9 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         host=s.host,
         port=s.port,
         http_port=s.http_port,
+        http_body_timeout=s.http_body_timeout,
         auth_token=_read_secret(s.auth_token_file),
+        keys=Keys.load(s.keys_file, s.rate or None) if s.keys_file else None,
         tls_cert=Path(s.tls_cert).read_bytes() if s.tls_cert else None,
         tls_key=Path(s.tls_key).read_bytes() if s.tls_key else None,
         max_sessions=s.max_sessions,

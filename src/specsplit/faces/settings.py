@@ -21,9 +21,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 class GenerateSettings:
     """Everything `specsplit generate` accepts besides the prompt."""
 
-    target: str = _f(
-        "qwen2.5-coder-1.5b",
-        "target model: a name from `specsplit models list`, a .gguf path, a folder or a hub id",
+    target: str | None = _f(
+        None,
+        "target model: a name from `specsplit models list`, a .gguf path, a folder or a hub id "
+        "(default qwen2.5-coder-1.5b; with --server: the server's, and this only checks it)",
     )
     draft: list[str] = _f(
         None,

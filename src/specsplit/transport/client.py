@@ -21,7 +21,7 @@ import grpc
 
 from specsplit.backends.base import Tokenizer
 from specsplit.engine.verifier import Outcome, Verifier
-from specsplit.errors import ServerFull, SessionGone, SpecsplitError
+from specsplit.errors import ModelError, ServerFull, SessionGone, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.randomness import drafter_uniform
 from specsplit.sampling import SamplingParams
@@ -29,6 +29,7 @@ from specsplit.transport import wire
 from specsplit.transport.cloud import generate_cloud
 from specsplit.transport.link import MAX_MESSAGE, Failover, Link, error_of
 from specsplit.transport.pb import specsplit_pb2 as pb
+from specsplit.transport.vocabulary import server_tokenizer
 
 __all__ = ["MAX_MESSAGE", "RemoteVerifier", "generate_cloud", "join_and_draft"]
 
@@ -38,7 +39,8 @@ log = logging.getLogger("specsplit.client")
 class RemoteVerifier(Verifier):
     """Verification on a specsplit server: the first of ``servers`` that answers, then the
     next ones in turn when it fails or is full. Each server's handshake sets the limits the
-    loop keeps to (``max_draft`` per round, ``n_ctx``)."""
+    loop keeps to (``max_draft`` per round, ``n_ctx``). With no tokenizer the client takes
+    the server's target's (``adopt``); a drafter's tokenizer must be that vocabulary."""
 
     pipelines = True
     remote = True
@@ -46,8 +48,9 @@ class RemoteVerifier(Verifier):
     def __init__(
         self,
         servers: Sequence[str],
-        tokenizer: Tokenizer,
+        tokenizer: Tokenizer | None = None,
         *,
+        fetch_tokenizer: bool = True,
         auth_token: str | None = None,
         tls_ca_file: str | None = None,
         expect_identity: str | None = None,
@@ -64,6 +67,10 @@ class RemoteVerifier(Verifier):
         self.identity: str | None = None
         self.link = self._connect()
         self.identity = self.link.welcome.target_identity  # resumed sessions: the same target
+        self.target_name = self.link.welcome.target_name
+        self.fingerprint = self.link.welcome.tokenizer_fingerprint  # the target's vocabulary
+        if tokenizer is None and fetch_tokenizer:  # (else the caller adopts one)
+            self.adopt()
         self.rtt = self.link.rtt
         self.session_id = ""
         self.join_token = ""
@@ -84,7 +91,7 @@ class RemoteVerifier(Verifier):
             try:
                 link = Link(
                     self.failover.address,
-                    self.tokenizer.fingerprint(),
+                    self.tokenizer.fingerprint() if self.tokenizer is not None else "",
                     self.auth_token,
                     self.tls_ca,
                     self.identity or self.expect_identity,
@@ -97,6 +104,20 @@ class RemoteVerifier(Verifier):
             self.vocab_size, self.n_ctx, self.max_draft = w.vocab_size, w.n_ctx, w.max_draft
             self.cost_shape = {c.n: c.micros / wire.MICROS for c in w.verify_cost}
             return link
+
+    def adopt(self, tokenizer: Tokenizer | None = None) -> Tokenizer:
+        """Use tokenizer (a draft model's, which must be the target's vocabulary), or with
+        None the server's own (fetched once, then cached). Needed before ``open``."""
+        if tokenizer is None:
+            tokenizer = server_tokenizer(self.link)
+        if tokenizer.fingerprint() != self.fingerprint:
+            raise ModelError(
+                f"the drafter's vocabulary ({tokenizer.fingerprint()[:12]}) is not the one of "
+                f"the server's target {self.target_name} ({self.fingerprint[:12]}): draft with "
+                "a model of that vocabulary, or with ngram (which needs no model)"
+            )
+        self.tokenizer = tokenizer
+        return tokenizer
 
     # ---- the Verifier protocol ----
 

@@ -22,13 +22,13 @@ from specsplit.engine.speculative import Chunk, GenerationResult
 from specsplit.errors import Interrupted, ServerFull, SessionGone, VerifierUnavailable
 from specsplit.sampling import SamplingParams
 from specsplit.transport import wire
-from specsplit.transport.link import Failover, Link, error_of
+from specsplit.transport.link import Failover, Link, check_target, error_of
 from specsplit.transport.pb import specsplit_pb2 as pb
 
 
 def generate_cloud(
     servers: str | Sequence[str],
-    tokenizer_fingerprint: str,
+    tokenizer_fingerprint: str = "",
     *,
     prompt: str = "",
     prompt_ids: Sequence[int] = (),
@@ -41,10 +41,14 @@ def generate_cloud(
     tls_ca_file: str | None = None,
     timeout: float | None = None,
     retry_for: float = 15.0,
+    expect_target: str | None = None,
 ) -> Iterator[Chunk]:
     """Text chunks as the server streams them; the last one carries the result: every id and
     the whole text, finish_reason, and the statistics of the server that finished, with this
-    client's own new_tokens, times, reconnects and bytes for the whole request."""
+    client's own new_tokens, times, reconnects and bytes for the whole request.
+    ``tokenizer_fingerprint``: empty, the server's vocabulary is taken as it is (the server
+    renders the prompt and the text); ``expect_target``: refuse a server whose target has
+    another name."""
     request = pb.GenerateRequest(
         prompt=prompt,
         prompt_ids=[int(t) for t in prompt_ids],
@@ -56,6 +60,7 @@ def generate_cloud(
     )
     ca = Path(tls_ca_file).read_bytes() if tls_ca_file else None
     run = _CloudRun([servers] if isinstance(servers, str) else servers, retry_for)
+    run.expect_target = expect_target
     return run.stream(request, tokenizer_fingerprint, auth_token, ca, timeout)
 
 
@@ -70,6 +75,7 @@ class _CloudRun:
         self.identity = ""  # the target that generated output: a resume must find the same
         self.sent = self.received = 0  # bytes of messages, gRPC framing included
         self.reconnects = 0
+        self.expect_target: str | None = None
 
     def stream(
         self,
@@ -114,6 +120,7 @@ class _CloudRun:
         """One Generate call on the server in use, from the output received so far."""
         link = Link(self.failover.address, fingerprint, auth_token, tls_ca, self.identity, 10.0)
         try:
+            check_target(link, self.expect_target)
             self.sent += link.bytes_out
             self.received += link.bytes_in
             req = pb.GenerateRequest()

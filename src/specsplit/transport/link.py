@@ -137,3 +137,11 @@ class Failover:
 
     def summary(self) -> str:
         return "; ".join(f"{address}: {why}" for address, why in self.why.items())
+
+
+def check_target(link: Link, expected: str | None) -> None:
+    """A server whose target is not the one the user named: a one-line error."""
+    got = link.welcome.target_name
+    if expected and got != expected:
+        link.close()
+        raise ConfigError(f"{link.address} serves {got}, not {expected} (drop --target to use it)")

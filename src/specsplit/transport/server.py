@@ -2,13 +2,13 @@
 
 ``SpecsplitServer(target, ...)`` owns a ``BatchScheduler`` on the target, serves
 ``proto/specsplit.proto`` on a gRPC port (optionally TLS, optionally a bearer token) and the
-OpenAI-style HTTP face with ``/health`` and Prometheus ``/metrics`` on an HTTP port, where
-the server drafts for itself (n-gram or a draft model it loads).
+OpenAI-style HTTP face on an HTTP port, where the server drafts for itself (n-gram or a
+draft model it loads), with ``/health``, Prometheus ``/metrics`` (read from the scheduler at
+scrape time), ``/status`` and the page at ``/``.
 """
 
 from __future__ import annotations
 
-import hmac
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -16,13 +16,18 @@ from concurrent import futures
 from dataclasses import dataclass
 
 import grpc
+from fastapi import FastAPI
+from prometheus_client import generate_latest
 
 from specsplit.backends.base import Backend
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, calibrate
 from specsplit.errors import ConfigError
 from specsplit.proposers.base import Proposer
-from specsplit.transport.http_face import HTTPFace
+from specsplit.transport.http_face import FaceConfig, HTTPFace, create_app
+from specsplit.transport.http_face.metrics import server_registry
+from specsplit.transport.http_face.status import DrafterTally, server_status
+from specsplit.transport.keys import Keys
 from specsplit.transport.link import MAX_MESSAGE
 from specsplit.transport.service import VerifierService, add_to_server
 
@@ -40,7 +45,9 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # gRPC; 0 = any free port
     http_port: int | None = None  # the HTTP face; None = off, 0 = any free port
-    auth_token: str | None = None
+    http_body_timeout: float = 10.0  # seconds for an HTTP request body to arrive whole (408)
+    auth_token: str | None = None  # one shared key (the --auth-token-file)
+    keys: Keys | None = None  # API keys with names, rates and quotas (the --keys-file)
     tls_cert: bytes | None = None
     tls_key: bytes | None = None
     max_sessions: int = 64
@@ -51,17 +58,17 @@ class ServerConfig:
     max_draft: int = 16
     kv_budget: int | None = None  # bytes of KV cache, all sessions together
     idle_timeout: float = 300.0
-    rate: float | None = 200.0  # rounds per second per client
+    rate: float | None = 200.0  # calls (rounds, requests) per second per key or client
     prefill_chunk: int = 256
     batch_window: float = 0.005
     calibrate: bool = True  # measure target pass costs at start (sent in the handshake)
 
 
 class _Auth(grpc.ServerInterceptor):
-    """Refuses every RPC without ``authorization: Bearer <token>``."""
+    """Refuses every RPC without ``authorization: Bearer <key>`` of a known key."""
 
-    def __init__(self, token: str) -> None:
-        self.expected = f"Bearer {token}"
+    def __init__(self, keys: Keys) -> None:
+        self.keys = keys
 
         def deny(request: object, context: grpc.ServicerContext) -> None:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong auth token")
@@ -70,7 +77,7 @@ class _Auth(grpc.ServerInterceptor):
 
     def intercept_service(self, continuation, handler_call_details):  # noqa: ANN001, ANN201
         got = dict(handler_call_details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(got.encode(), self.expected.encode()):
+        if self.keys.check(got) is not None:
             return continuation(handler_call_details)
         handler = continuation(handler_call_details)
         if handler is None:
@@ -108,14 +115,21 @@ class SpecsplitServer:
             idle_timeout=c.idle_timeout,
             cost_shape=shape,
         )
+        if c.keys is not None and c.auth_token is not None:
+            raise ConfigError("give either a keys file or one auth token, not both")
+        self.keys = c.keys or (
+            Keys.single(c.auth_token, c.rate) if c.auth_token else Keys.open(c.rate)
+        )
         self.service = VerifierService(
             self.scheduler,
             target_name,
             make_proposers=make_proposers,
-            rate=c.rate,
+            keys=self.keys,
             max_streams=c.max_streams,
         )
         self.make_proposers = make_proposers
+        self.registry = server_registry(self.scheduler, self.service.counters, self.keys)
+        self.drafter = DrafterTally("+".join(p.name for p in make_proposers()) or "none")
         self.grpc: grpc.Server | None = None
         self.http: HTTPFace | None = None
         self.port = c.port
@@ -128,7 +142,7 @@ class SpecsplitServer:
         rpcs = self.service.streams.limit + SHORT_RPCS
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=rpcs),
-            interceptors=[_Auth(c.auth_token)] if c.auth_token else [],
+            interceptors=[_Auth(self.keys)] if self.keys.required else [],
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -149,18 +163,7 @@ class SpecsplitServer:
             raise ConfigError(f"could not listen on {address}")
         self.grpc.start()
         if c.http_port is not None:
-            self.http = HTTPFace(
-                self._generate,
-                self.target.tokenizer,
-                self.service.target_name,
-                host=c.host,
-                port=c.http_port,
-                auth_token=c.auth_token,
-                n_ctx=self.target.n_ctx,
-                metrics=self.metrics_text,
-                health=self.health,
-                concurrency=None,  # every request is its own session of the scheduler
-            )
+            self.http = HTTPFace(self.http_app(), host=c.host, port=c.http_port)
             self.http.start()
         log.info(
             "serving target=%s grpc=%s:%d http=%s tls=%s auth=%s",
@@ -169,17 +172,39 @@ class SpecsplitServer:
             self.port,
             self.http.port if self.http else "off",
             c.tls_cert is not None,
-            c.auth_token is not None,
+            self.keys.required,
+        )
+
+    def http_app(self) -> FastAPI:
+        """The OpenAI-style face over this server's scheduler, as an ASGI app (served by
+        ``HTTPFace`` here; any ASGI server can mount it)."""
+        c = self.config
+        config = FaceConfig(
+            n_ctx=self.target.n_ctx,
+            body_timeout=c.http_body_timeout,
+            concurrency=None,  # every request is its own session of the scheduler
+            threads=c.max_sessions + 8,
+        )
+        return create_app(
+            self._generate,
+            self.target.tokenizer,
+            self.service.target_name,
+            config,
+            registry=self.registry,
+            health=self.health,
+            status=self.status,
+            keys=self.keys,
         )
 
     def _generate(self, req: GenerationRequest):  # noqa: ANN202
         """The HTTP face's generate function: a session of the scheduler, server drafting."""
-        return DecodeLoop(ScheduledVerifier(self.scheduler), self.make_proposers()).stream(req)
+        loop = DecodeLoop(ScheduledVerifier(self.scheduler), self.make_proposers())
+        return self.drafter.watch(loop.stream(req))
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking new work, let rounds in flight finish for ``grace`` seconds, then end."""
         if self.http is not None:
-            self.http.stop()
+            self.http.stop(grace)
         if self.grpc is not None:
             self.grpc.stop(grace).wait()
         self.scheduler.stop()
@@ -193,47 +218,11 @@ class SpecsplitServer:
         }
 
     def metrics_text(self) -> str:
-        """Prometheus text exposition of the server's counters."""
-        st, sch, ctr = self.scheduler.stats, self.scheduler, self.service.counters
-        lines: list[str] = []
+        """Prometheus text exposition of the server's counters (what ``/metrics`` serves)."""
+        return generate_latest(self.registry).decode()
 
-        def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
-            lines.append(f"# HELP specsplit_{name} {help_}")
-            lines.append(f"# TYPE specsplit_{name} {kind}")
-            lines.extend(f"specsplit_{name}{labels} {value:g}" for labels, value in samples)
-
-        queued = sum(len(s.jobs) for s in list(sch.sessions.values()))
-        metric("sessions", "gauge", "Open sessions.", [("", len(sch.sessions))])
-        metric("queue_rounds", "gauge", "Rounds waiting for a target pass.", [("", queued)])
-        metric("kv_bytes", "gauge", "Bytes of KV cache held.", [("", sch.kv_bytes())])
-        metric("kv_budget_bytes", "gauge", "KV budget (0: none).", [("", sch.kv_budget or 0)])
-        metric("passes_total", "counter", "Batched verification passes.", [("", st.passes)])
-        metric("rounds_total", "counter", "Rounds verified.", [("", st.rounds)])
-        metric(
-            "batch_size_passes_total",
-            "counter",
-            "Verification passes by batch size.",
-            [(f'{{size="{k}"}}', v) for k, v in sorted(st.batch_sizes.items())],
+    def status(self) -> dict:
+        """The server panel's numbers (``/status``)."""
+        return server_status(
+            self.scheduler, self.service.target_name, self.service.counters, [self.drafter]
         )
-        mean = st.rounds / st.passes if st.passes else 0.0
-        metric("batch_size_mean", "gauge", "Mean sessions per pass.", [("", mean)])
-        metric("dropped_rounds_total", "counter", "Pipelined rounds dropped.", [("", st.dropped)])
-        metric("draft_tokens_total", "counter", "Draft tokens verified.", [("", st.proposed)])
-        metric("accepted_tokens_total", "counter", "Draft tokens accepted.", [("", st.accepted)])
-        rate = st.accepted / st.proposed if st.proposed else 0.0
-        metric("acceptance_rate", "gauge", "Accepted / proposed draft tokens.", [("", rate)])
-        metric("emitted_tokens_total", "counter", "Tokens committed by rounds.", [("", st.emitted)])
-        metric(
-            "prefill_tokens_total", "counter", "Prompt tokens prefilled.", [("", st.prefill_tokens)]
-        )
-        metric("evictions_total", "counter", "Idle KV caches evicted.", [("", st.evictions)])
-        metric("verify_seconds_total", "counter", "Seconds in target passes.", [("", st.t_verify)])
-        metric("received_bytes_total", "counter", "gRPC message bytes in.", [("", ctr.bytes_in)])
-        metric("sent_bytes_total", "counter", "gRPC message bytes out.", [("", ctr.bytes_out)])
-        metric(
-            "refused_total",
-            "counter",
-            "RPCs refused, by status.",
-            [(f'{{code="{k}"}}', v) for k, v in sorted(ctr.refused.items())],
-        )
-        return "\n".join(lines) + "\n"

@@ -12,7 +12,6 @@ import hmac
 import logging
 import queue
 import threading
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import closing
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.message import DecodeError
 
+from specsplit.backends.vocab_file import vocab_blob
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
 from specsplit.engine.speculative import Chunk, DecodeLoop, GenerationRequest
 from specsplit.engine.verifier import Outcome
@@ -35,10 +35,13 @@ from specsplit.errors import (
 from specsplit.proposers.base import Proposer
 from specsplit.transport import wire
 from specsplit.transport.hub import Hub, Member
+from specsplit.transport.keys import Keys, Principal
 from specsplit.transport.pb import specsplit_pb2 as pb
 from specsplit.transport.pb import specsplit_pb2_grpc as pb_grpc
 
 log = logging.getLogger("specsplit.server")
+
+VOCAB_CHUNK = 1 << 20  # bytes of the vocabulary file per message
 
 
 def status_of(e: BaseException) -> grpc.StatusCode:
@@ -102,6 +105,11 @@ def add_to_server(service: VerifierService, server: grpc.Server) -> None:
             request_deserializer=_lenient(pb.GenerateRequest),
             response_serializer=pb.GenerateChunk.SerializeToString,
         ),
+        "Vocabulary": grpc.unary_stream_rpc_method_handler(
+            service.Vocabulary,
+            request_deserializer=_lenient(pb.VocabularyRequest),
+            response_serializer=pb.VocabularyChunk.SerializeToString,
+        ),
     }
     name = pb.DESCRIPTOR.services_by_name["Verifier"].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
@@ -129,28 +137,6 @@ class Counters:
         with self.lock:
             self.bytes_in += n_in
             self.bytes_out += n_out
-
-
-class RateLimiter:
-    """A token bucket per client: ``rate`` rounds per second, bursts of ``burst``."""
-
-    def __init__(self, rate: float | None, burst: float = 32.0) -> None:
-        self.rate, self.burst = rate, burst
-        self._buckets: dict[str, tuple[float, float]] = {}
-        self._lock = threading.Lock()
-
-    def allow(self, client: str) -> bool:
-        if not self.rate:
-            return True
-        now = time.monotonic()
-        with self._lock:
-            level, t = self._buckets.get(client, (self.burst, now))
-            level = min(self.burst, level + (now - t) * self.rate)
-            if level < 1.0:
-                self._buckets[client] = (level, now)
-                return False
-            self._buckets[client] = (level - 1.0, now)
-            return True
 
 
 class Streams:
@@ -190,7 +176,7 @@ class VerifierService(pb_grpc.VerifierServicer):
         target_name: str,
         *,
         make_proposers: Callable[[], Sequence[Proposer]] = list,
-        rate: float | None = None,
+        keys: Keys | None = None,
         max_streams: int | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -200,11 +186,13 @@ class VerifierService(pb_grpc.VerifierServicer):
         self.identity = t.identity()
         self.target_name = target_name
         self.make_proposers = make_proposers
-        self.limiter = RateLimiter(rate)
+        self.keys = keys or Keys.open(None)  # who may call, at what rate, with what quota
         self.counters = Counters()
         # session streams (owners and joined drafters) and Generate calls at once
         self.streams = Streams(max_streams or 2 * scheduler.max_sessions)
         self.hubs: dict[str, Hub] = {}
+        self._vocab: bytes | None = None
+        self._vocab_lock = threading.Lock()
         self._lock = threading.Lock()
 
     # ---- helpers ----
@@ -216,6 +204,16 @@ class VerifierService(pb_grpc.VerifierServicer):
 
     def _refuse_error(self, context: grpc.ServicerContext, e: SpecsplitError) -> None:
         self._refuse(context, status_of(e), reason_of(e))
+
+    def _principal(self, context: grpc.ServicerContext) -> Principal:
+        """Who this call is from, admitted for one more call (rate and quota)."""
+        auth = dict(context.invocation_metadata() or ()).get("authorization", "")
+        p = self.keys.principal(auth, context.peer().rsplit(":", 1)[0])
+        try:
+            p.admit()
+        except Overloaded as e:
+            self._refuse_error(context, e)
+        return p
 
     def _check_decoded(self, msg: object, context: grpc.ServicerContext) -> None:
         if isinstance(msg, Malformed):
@@ -229,13 +227,18 @@ class VerifierService(pb_grpc.VerifierServicer):
                 f"{wire.FULL} the server holds its maximum of {self.streams.limit} streams",
             )
 
-    def _check_client(self, fingerprint: str, context: grpc.ServicerContext) -> None:
-        if fingerprint != self.fingerprint:
+    def _check_client(
+        self, fingerprint: str, context: grpc.ServicerContext, handshake: bool = False
+    ) -> None:
+        """The client's vocabulary is the target's (a handshake may send none: the client
+        then takes the server's, from Welcome and the Vocabulary call)."""
+        if fingerprint != self.fingerprint and not (handshake and not fingerprint):
             self._refuse(
                 context,
                 grpc.StatusCode.FAILED_PRECONDITION,
-                "the client's tokenizer does not match the server's target "
-                f"({fingerprint[:12] or 'none'} vs {self.fingerprint[:12]})",
+                f"the client's tokenizer ({fingerprint[:12] or 'none'}) is not the vocabulary "
+                f"of this server's target {self.target_name} ({self.fingerprint[:12]}): draft "
+                "with a model of that vocabulary, or with ngram (which needs no model)",
             )
 
     # ---- Handshake ----
@@ -249,7 +252,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"protocol version {request.protocol_version}; this server speaks {wire.PROTOCOL_VERSION}",
             )
-        self._check_client(request.tokenizer_fingerprint, context)
+        self._check_client(request.tokenizer_fingerprint, context, handshake=True)
         if request.target_identity and request.target_identity != self.identity:
             self._refuse(
                 context,
@@ -287,6 +290,7 @@ class VerifierService(pb_grpc.VerifierServicer):
                 context, grpc.StatusCode.INVALID_ARGUMENT, "the first message must be Open"
             )
         self.counters.add(first.ByteSize() + wire.GRPC_FRAME)
+        principal = self._principal(context)
         hub, member = self._open(first.open, context)
         served = hub.served
         context.add_callback(lambda: self._leave(hub, member, "client went away"))
@@ -302,7 +306,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         )
         yield self._out(pb.ServerMsg(opened=opened))
         reader = threading.Thread(
-            target=self._read, args=(request_iterator, hub, member, context), daemon=True
+            target=self._read,
+            args=(request_iterator, hub, member, context, principal),
+            daemon=True,
         )
         reader.start()
         while True:
@@ -326,6 +332,8 @@ class VerifierService(pb_grpc.VerifierServicer):
             except SpecsplitError as e:
                 self._leave(hub, member, str(e))
                 self._refuse_error(context, e)
+            if not outcome.dropped and not member.joined:  # (joiners hear the same tokens)
+                principal.used(outcome.n_accepted + 1)
             yield self._out(pb.ServerMsg(verdict=wire.verdict_to_pb(outcome, with_ids)))
 
     def _out(self, msg: pb.ServerMsg) -> pb.ServerMsg:
@@ -380,9 +388,9 @@ class VerifierService(pb_grpc.VerifierServicer):
         hub: Hub,
         member: Member,
         context: grpc.ServicerContext,
+        principal: Principal,
     ) -> None:
         """Read a session's messages and queue their rounds (runs in its own thread)."""
-        client = context.peer().rsplit(":", 1)[0]
         greedy = hub.served.state.params.greedy
         vocab = self.scheduler.target.vocab_size
         try:
@@ -395,8 +403,10 @@ class VerifierService(pb_grpc.VerifierServicer):
                     break
                 if kind != "draft":
                     raise Refused(grpc.StatusCode.INVALID_ARGUMENT, f"unexpected {kind} message")
-                if not self.limiter.allow(client):
-                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, "rate limit: too many rounds")
+                try:
+                    principal.admit()
+                except Overloaded as e:
+                    raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
                 d = msg.draft
                 drafts = wire.drafts_from_pb(
                     d.chains, vocab, self.scheduler.max_draft + int(d.pipelined), greedy
@@ -420,6 +430,42 @@ class VerifierService(pb_grpc.VerifierServicer):
                 if self.hubs.pop(hub.served.id, None) is not None:
                     log.info("session end id=%s reason=%r", hub.served.id, reason)
 
+    # ---- Vocabulary ----
+
+    def Vocabulary(
+        self, request: pb.VocabularyRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.VocabularyChunk]:
+        self._check_decoded(request, context)
+        self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
+        if request.tokenizer_fingerprint not in ("", self.fingerprint):
+            self._refuse(
+                context,
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"this server's vocabulary is {self.fingerprint[:12]}, "
+                f"not {request.tokenizer_fingerprint[:12]}",
+            )
+        try:
+            blob = self._vocab_blob()
+        except SpecsplitError as e:
+            self._refuse_error(context, e)
+        for i in range(0, len(blob), VOCAB_CHUNK):
+            msg = pb.VocabularyChunk(data=blob[i : i + VOCAB_CHUNK])
+            self.counters.add(n_out=msg.ByteSize() + wire.GRPC_FRAME)
+            yield msg
+
+    def _vocab_blob(self) -> bytes:
+        """The target's tokenizer as a gzipped vocabulary-only GGUF (made once)."""
+        with self._vocab_lock:  # (not self._lock: making it takes seconds)
+            if self._vocab is None:
+                src = self.scheduler.target.source_gguf
+                if src is None:
+                    raise ConfigError(
+                        f"this server's target {self.target_name} did not come from a GGUF, "
+                        "so it cannot send its tokenizer: give the client a draft model"
+                    )
+                self._vocab = vocab_blob(src, self.fingerprint)
+            return self._vocab
+
     # ---- Generate (cloud-only) ----
 
     def Generate(
@@ -428,12 +474,15 @@ class VerifierService(pb_grpc.VerifierServicer):
         self._check_decoded(request, context)
         self.counters.add(request.ByteSize() + wire.GRPC_FRAME)
         self._take_stream(context)
+        principal = self._principal(context)
         try:
             req = self.generation_request(request)
             proposers = self.make_proposers() if request.server_draft else []
             loop = DecodeLoop(ScheduledVerifier(self.scheduler), proposers)
             with closing(loop.stream(req)) as stream:  # closed: the session ends with the call
-                yield from self._chunks(stream, req, context)
+                for msg in self._chunks(stream, req, context):
+                    principal.used(len(msg.token_ids))
+                    yield msg
         except SpecsplitError as e:
             self._refuse_error(context, e)
 

@@ -191,3 +191,15 @@ class GenerateChunk(_message.Message):
     stats_json: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[str] = ..., stats_json: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class VocabularyRequest(_message.Message):
+    __slots__ = ("tokenizer_fingerprint",)
+    TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
+    tokenizer_fingerprint: str
+    def __init__(self, tokenizer_fingerprint: _Optional[str] = ...) -> None: ...
+
+class VocabularyChunk(_message.Message):
+    __slots__ = ("data",)
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    def __init__(self, data: _Optional[bytes] = ...) -> None: ...

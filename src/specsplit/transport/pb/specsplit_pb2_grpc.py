@@ -51,6 +51,11 @@ class VerifierStub:
                 request_serializer=specsplit__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=specsplit__pb2.GenerateChunk.FromString,
                 _registered_method=True)
+        self.Vocabulary = channel.unary_stream(
+                '/specsplit.v1.Verifier/Vocabulary',
+                request_serializer=specsplit__pb2.VocabularyRequest.SerializeToString,
+                response_deserializer=specsplit__pb2.VocabularyChunk.FromString,
+                _registered_method=True)
 
 
 class VerifierServicer:
@@ -80,6 +85,13 @@ class VerifierServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Vocabulary(self, request, context):
+        """The target's tokenizer, for a client with no model of its own (an n-gram drafter).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_VerifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -97,6 +109,11 @@ def add_VerifierServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=specsplit__pb2.GenerateRequest.FromString,
                     response_serializer=specsplit__pb2.GenerateChunk.SerializeToString,
+            ),
+            'Vocabulary': grpc.unary_stream_rpc_method_handler(
+                    servicer.Vocabulary,
+                    request_deserializer=specsplit__pb2.VocabularyRequest.FromString,
+                    response_serializer=specsplit__pb2.VocabularyChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -182,6 +199,33 @@ class Verifier:
             '/specsplit.v1.Verifier/Generate',
             specsplit__pb2.GenerateRequest.SerializeToString,
             specsplit__pb2.GenerateChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Vocabulary(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/specsplit.v1.Verifier/Vocabulary',
+            specsplit__pb2.VocabularyRequest.SerializeToString,
+            specsplit__pb2.VocabularyChunk.FromString,
             options,
             channel_credentials,
             insecure,
