@@ -1,17 +1,19 @@
 """Failures under load, against `specsplit serve` on loopback (run by hand; each is bounded in
 count and time):
 
-    python -m specsplit.bench.reliability kill --kills 50 --out benchmarks/reliability_kill
+    python -m specsplit.bench.reliability kill --kills 50 --out benchmarks/reliability/kill
     python -m specsplit.bench.reliability soak --sessions 64 --minutes 10 \\
-        --out benchmarks/reliability_soak
-    python -m specsplit.bench.reliability fuzz --messages 10000 --out benchmarks/reliability_fuzz
+        --out benchmarks/reliability/soak
+    python -m specsplit.bench.reliability fuzz --messages 10000 --out benchmarks/reliability/fuzz
+    python -m specsplit.bench.reliability http --out benchmarks/reliability/http
 
 kill: SIGKILL a server that holds sessions at random moments while edge and cloud-only clients
 generate with two servers; texts against references, lost and duplicated tokens, reconnect
 times. soak: many sessions for minutes from a few client processes under a KV budget; failed
 requests, time between tokens, server RSS against its bound. fuzz: malformed, truncated,
 oversized and out-of-range messages made from the .proto's descriptors, each with the status it
-must get, while good sessions run. Results go to --out/results.json; a summary is printed.
+must get, while good sessions run. http: the HTTP face under malformed JSON, huge bodies,
+invalid parameters and clients that vanish mid-stream; statuses and sessions left open. Results go to --out/results.json; a summary is printed.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m specsplit.bench.reliability", description=__doc__.split("\n")[0]
     )
     sub = ap.add_subparsers(dest="cmd", required=True)
-    for name in ("kill", "soak", "fuzz"):
+    for name in ("kill", "soak", "fuzz", "http"):
         p = sub.add_parser(name)
         p.add_argument("--target", default="smollm2-135m")
         p.add_argument("--target-backend", default="torch")
@@ -41,7 +43,7 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--temperature", type=float, default=0.8, help="of the sampled clients")
         p.add_argument("--k", type=int, default=4, help="fixed K of the sampled clients")
         p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--out", default=f"bench_runs/reliability_{name}")
+        p.add_argument("--out", default=f"benchmarks/reliability/{name}")
     k = sub.choices["kill"]
     k.add_argument("--kills", type=int, default=50)
     k.add_argument(
@@ -70,6 +72,11 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--max-new-tokens", type=int, default=48, help="of the good sessions")
     f.add_argument("--deadline", type=float, default=60.0, help="seconds per fuzz RPC (a hang)")
     f.add_argument("--threads", type=int, default=8, help="fuzz RPCs at once")
+    f.add_argument("--max-minutes", type=float, default=None, help="no new case after it")
+    h = sub.choices["http"]
+    h.add_argument("--rounds", type=int, default=1, help="passes over the one-request cases")
+    h.add_argument("--vanish", type=int, default=10, help="vanishing clients of each kind")
+    h.add_argument("--max-new-tokens", type=int, default=200, help="of the vanishing clients")
     w = sub.add_parser("_worker", help=argparse.SUPPRESS)  # a soak client process
     w.add_argument("plan")
     return ap
@@ -87,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         from specsplit.bench.reliability.kill import cmd_kill as run
     elif ns.cmd == "soak":
         from specsplit.bench.reliability.soak import cmd_soak as run
-    else:
+    elif ns.cmd == "fuzz":
         from specsplit.bench.reliability.fuzz import cmd_fuzz as run
+    else:
+        from specsplit.bench.reliability.http_face import cmd_http as run
     t0 = time.time()
     doc = run(ns)
     doc["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")

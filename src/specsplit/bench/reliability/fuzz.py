@@ -54,7 +54,7 @@ class Raw:
     def call(
         self, rpc: str, msgs: list[bytes], read: int | None = None
     ) -> tuple[str, str, list[bytes]]:
-        """(status name, details, answers); a Generate call is cancelled after `read` chunks
+        """(status name, details, answers); a streaming answer is cancelled after `read` chunks
         (its status is then OK: nothing went wrong before)."""
         out: list[bytes] = []
         path = SERVICE + rpc
@@ -64,7 +64,7 @@ class Raw:
                     path, request_serializer=SAME, response_deserializer=SAME
                 )
                 out.append(f(msgs[0], timeout=self.deadline))
-            elif rpc == "Generate":
+            elif rpc in ("Generate", "Vocabulary"):
                 f = self.channel.unary_stream(
                     path, request_serializer=SAME, response_deserializer=SAME
                 )
@@ -193,7 +193,7 @@ class Fuzzer:
 
     def _note(self, case: Case, got: str, details: str, problem: str, n: int) -> None:
         self.messages += n
-        if self.messages % 500 == 0:
+        if self.messages % 250 == 0:
             print(
                 f"{self.messages} messages, problems {dict(self.problems)}, "
                 f"{time.monotonic() - self.t0:.0f} s",
@@ -227,7 +227,7 @@ class Fuzzer:
         elif case.rpc == "flood-silent":
             self.flood_silent(case)
         else:
-            read = 3 if case.rpc == "Generate" else None
+            read = 3 if case.rpc in ("Generate", "Vocabulary") else None
             code, details, answers = self.raw.call(case.rpc, case.msgs, read)
             self.note(case, code, details, judge(case, code, details, answers, self.lim))
         with self.lock:
@@ -333,16 +333,20 @@ def measure_kv_per_token(server: Server, fingerprint: str, prompt: list[int]) ->
         raw.close()
 
 
-def play_all(fuzzer: Fuzzer, maker: Maker, messages: int, threads: int) -> None:
-    """Cases from the maker (in its seeded order) until they hold `messages` hostile messages,
-    played by `threads` threads at once."""
+def play_all(
+    fuzzer: Fuzzer, maker: Maker, messages: int, threads: int, minutes: float | None = None
+) -> None:
+    """Cases from the maker (in its seeded order) until they hold `messages` hostile messages
+    or `minutes` have passed (no new case starts after it), played by `threads` threads at
+    once."""
     lock, turns = threading.Lock(), Turns()
     planned = 0
+    stop_at = time.monotonic() + 60 * minutes if minutes else float("inf")
 
     def take() -> Case | None:
         nonlocal planned
         with lock:
-            if planned >= messages:
+            if planned >= messages or time.monotonic() > stop_at:
                 return None
             case = maker.next()
             planned += {"flood-open": maker.lim.max_sessions + 4}.get(case.rpc, 1)
@@ -420,7 +424,7 @@ def cmd_fuzz(ns: argparse.Namespace) -> dict:
         fuzzer = Fuzzer(server, lim, maker, ns.deadline)
         t0 = time.monotonic()
         try:
-            play_all(fuzzer, maker, ns.messages, ns.threads)
+            play_all(fuzzer, maker, ns.messages, ns.threads, ns.max_minutes)
         finally:
             stop.set()
             good.join()
@@ -443,6 +447,8 @@ def cmd_fuzz(ns: argparse.Namespace) -> dict:
     compared = [r for r in records if r["vs_reference"]]
     summary = {
         "messages": fuzzer.messages,
+        "messages_asked": ns.messages,
+        "stopped_by_time": fuzzer.messages < ns.messages,
         "seconds": t_fuzz,
         "mismatches": sum(fuzzer.problems.values()),
         "problems": dict(fuzzer.problems),

@@ -323,9 +323,22 @@ def expect_handshake(data: bytes, lim: Limits) -> tuple[str, bool]:
     m = parse(pb.Hello, data)
     if m is None:
         return IA, False
-    if m.protocol_version != wire.PROTOCOL_VERSION or m.tokenizer_fingerprint != lim.fingerprint:
+    if m.protocol_version != wire.PROTOCOL_VERSION:
+        return FP, False
+    if m.tokenizer_fingerprint not in ("", lim.fingerprint):  # empty: it takes the server's
         return FP, False
     if m.target_identity and m.target_identity != lim.identity:
+        return FP, False
+    return OK, False
+
+
+def expect_vocabulary(data: bytes, lim: Limits) -> tuple[str, bool]:
+    if len(data) > MAX_MESSAGE:
+        return RE, False
+    m = parse(pb.VocabularyRequest, data)
+    if m is None:
+        return IA, False
+    if m.tokenizer_fingerprint not in ("", lim.fingerprint):
         return FP, False
     return OK, False
 
@@ -507,6 +520,12 @@ class Maker:
         data = m.SerializeToString()
         return Case(what, "Handshake", [data], *expect_handshake(data, self.lim))
 
+    def vocabulary(self) -> Case:
+        m = pb.VocabularyRequest(tokenizer_fingerprint=self.rng.choice(["", self.lim.fingerprint]))
+        what = mutate(m, self.lim, self.rng)
+        data = m.SerializeToString()
+        return Case(what, "Vocabulary", [data], *expect_vocabulary(data, self.lim))
+
     def open(self) -> Case:
         sampled = self.rng.random() < 0.5
         m = self.open_msg(sampled)
@@ -555,7 +574,7 @@ class Maker:
 
     def raw(self) -> Case:
         """A valid case's last message changed byte by byte."""
-        base = self.rng.choice([self.hello, self.open, self.draft, self.generate])
+        base = self.rng.choice([self.hello, self.vocabulary, self.open, self.draft, self.generate])
         for _ in range(20):  # a base whose last message is valid
             case = base()
             if case.expect == OK:
@@ -564,6 +583,8 @@ class Maker:
         msgs = [*case.msgs[:-1], data]
         if case.rpc == "Handshake":
             exp = expect_handshake(data, self.lim)
+        elif case.rpc == "Vocabulary":
+            exp = expect_vocabulary(data, self.lim)
         elif case.rpc == "Generate":
             exp = self.expect_generate(data)
         else:
@@ -587,9 +608,10 @@ class Maker:
     def next(self) -> Case:
         r = self.rng.random()
         for weight, family in (
-            (0.08, self.hello),
+            (0.07, self.hello),
+            (0.03, self.vocabulary),
             (0.19, self.open),
-            (0.29, self.draft),
+            (0.27, self.draft),
             (0.05, self.stray),
             (0.14, self.generate),
             (0.22, self.raw),
