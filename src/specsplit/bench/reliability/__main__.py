@@ -57,6 +57,7 @@ def parser() -> argparse.ArgumentParser:
     k.add_argument("--min-gap", type=float, default=1.0, help="seconds, after a restart")
     k.add_argument("--max-gap", type=float, default=8.0)
     k.add_argument("--retry-for", type=float, default=30.0, help="clients' failover window")
+    k.add_argument("--max-minutes", type=float, default=None, help="no new kill after it")
     s = sub.choices["soak"]
     s.add_argument("--sessions", type=int, default=64)
     s.add_argument("--minutes", type=float, default=10.0)

@@ -6,8 +6,8 @@ trickled slower than --http-body-timeout, a non-numeric Content-Length), invalid
 (each field of the OpenAI schema out of range or of the wrong type, unknown and unsupported
 fields, ids past the vocabulary, a prompt longer than the context), wrong paths and methods;
 then clients that vanish: mid-stream, before the first event, while a whole answer is being
-made, and halfway through sending their body. Meanwhile a good client repeats a greedy and
-a seeded sampled request, whose texts must not change. Counted: wrong statuses, 5xx answers,
+made, and halfway through sending their body. During the one-request cases a good client
+repeats a greedy and a seeded sampled request, whose texts must not change. Counted: wrong statuses, 5xx answers,
 error bodies not in OpenAI's shape, server deaths, and sessions still open afterwards
 (``/status`` and ``/metrics``).
 """
@@ -344,6 +344,8 @@ def cmd_http(ns: argparse.Namespace) -> dict:
             for c in transport_cases(server.http_port):
                 results.append({"round": r, "path": COMPLETIONS, "shape": True, **c})
         t_cases = time.monotonic() - t0
+        good.stop.set()  # its own sessions would count as open ones below
+        good_thread.join()
         after_cases = wait_drained(server)
         vanished: Counter = Counter()
         drains = {}
@@ -355,8 +357,6 @@ def cmd_http(ns: argparse.Namespace) -> dict:
                 except OSError as e:
                     results.append({"name": f"vanish {how}", "status": 0, "got": str(e)})
             drains[how] = wait_drained(server)
-        good.stop.set()
-        good_thread.join()
         final = wait_drained(server)
         status_doc = json.loads(request(server.http_port, "GET", "/status", b"")[1])
         alive = server.alive()
