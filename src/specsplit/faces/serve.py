@@ -168,9 +168,9 @@ def _tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> None:
     And fix the mmap threshold: by default glibc raises it to the size of every large block
     freed (up to 32 MiB), after which the KV caches and activations that grow round by round
     come from the heap and leave holes it cannot give back. In the 10-minute soak (64 active
-    sessions, --kv-budget 256MiB) resident memory outside the KV cache grew from 0.15 to
-    0.73 GB and passed weights + budget + overhead; with the threshold fixed (large blocks
-    mmapped, returned when freed) it stayed within it (README, Reliability)."""
+    sessions, --kv-budget 256MiB) resident memory outside the KV cache and the loaded server
+    grew to 0.78 GB; with the threshold fixed (large blocks mmapped, returned when freed) it
+    peaked at 0.43 GB (README, Reliability)."""
     import ctypes
     import ctypes.util
 
