@@ -225,3 +225,29 @@ def _answers(url: str) -> bool:
             return r.status == 200
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def ray_deployment(spec):  # noqa: ANN001, ANN201
+    """A local Ray instance (2 CPUs, no dashboard, a small object store) running the cluster
+    ``spec`` (a ``ClusterSpec``) on Serve; Serve and Ray shut down at the end."""
+    import ray
+    from ray import serve
+
+    from specsplit.cluster import launch
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=80 << 20,
+        runtime_env=spec.runtime_env(),
+        log_to_driver=False,
+    )
+    try:
+        launch.start_serve(spec)
+        launch.deploy(spec)
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()

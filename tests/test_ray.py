@@ -29,7 +29,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_port, ray_deployment  # noqa: E402
 from specsplit.engine.draft_length import FixedK  # noqa: E402
 from specsplit.engine.speculative import (  # noqa: E402
     DecodeLoop,
@@ -85,10 +85,9 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(smollm2_converted):
     from dataclasses import asdict
 
-    from specsplit.cluster import launch
     from specsplit.cluster.spec import ClusterSpec
     from specsplit.faces.serve import _REPLICA, ServeSettings
 
@@ -103,21 +102,8 @@ def cluster():
         max_sessions=MAX_SESSIONS,
         drain_timeout=20.0,
     )
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=80 << 20,
-        runtime_env=spec.runtime_env(),
-        log_to_driver=False,
-    )
-    try:
-        launch.start_serve(spec)
-        launch.deploy(spec)
+    with ray_deployment(spec):
         yield Cluster(spec)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
-from conftest import free_port  # noqa: E402
+from conftest import free_port, ray_deployment  # noqa: E402
 from specsplit.sampling import SamplingParams  # noqa: E402
 from specsplit.transport.client import RemoteVerifier  # noqa: E402
 
@@ -22,10 +22,9 @@ MODEL = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
-def spec():
+def spec(smollm2_converted):
     from dataclasses import asdict
 
-    from specsplit.cluster import launch
     from specsplit.cluster.spec import ClusterSpec
     from specsplit.faces.serve import _REPLICA, ServeSettings
 
@@ -42,21 +41,8 @@ def spec():
         downscale_delay_s=5.0,
         look_back_period_s=2.0,
     )
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        object_store_memory=80 << 20,
-        runtime_env=spec.runtime_env(),
-        log_to_driver=False,
-    )
-    try:
-        launch.start_serve(spec)
-        launch.deploy(spec)
+    with ray_deployment(spec):
         yield spec
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def wait_for_replicas(spec, n: int, timeout: float) -> float:  # noqa: ANN001

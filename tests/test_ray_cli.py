@@ -64,7 +64,7 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.integration
-def test_serve_ray_generate_and_stop(tmp_path):
+def test_serve_ray_generate_and_stop(smollm2_converted, tmp_path):
     port, http_port = free_port(), free_port()
     (tmp_path / "token").write_text("ray-cli-t0ken\n")
     log = open(tmp_path / "serve.log", "w")  # noqa: SIM115
