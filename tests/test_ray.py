@@ -21,7 +21,6 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
-from pathlib import Path
 
 import grpc
 import pytest
@@ -30,6 +29,7 @@ ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")
 
 from conftest import free_port, ray_deployment  # noqa: E402
+from specsplit.bench.cluster import pid_listening  # noqa: E402
 from specsplit.engine.draft_length import FixedK  # noqa: E402
 from specsplit.engine.speculative import (  # noqa: E402
     DecodeLoop,
@@ -137,25 +137,6 @@ def edge(cluster: Cluster, tokenizer, proposer=None, k: int = 4, **kw) -> Decode
 
 def replica_of(session_id: str) -> str:
     return session_id.partition(".")[0]
-
-
-def pid_listening(port: int) -> int:
-    """The process listening on a local TCP port (from /proc, as root)."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        for line in Path(table).read_text().splitlines()[1:]:
-            f = line.split()
-            if int(f[1].rsplit(":", 1)[1], 16) == port and f[3] == "0A":  # LISTEN
-                inodes.add(f[9])
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                link = os.readlink(f"/proc/{pid}/fd/{fd}")
-                if link.startswith("socket:[") and link[8:-1] in inodes:
-                    return int(pid)
-        except OSError:
-            continue
-    raise LookupError(f"nobody listens on port {port}")
 
 
 def run_clients(loops, prompts, on_progress=None) -> list:  # noqa: ANN001
