@@ -186,6 +186,40 @@ def test_fixed_k_same_seed_replays(small_vocab_models):
     assert runs[0] != runs[2]
 
 
+def _history_dependent(backend):
+    """A backend whose logits depend a little on what its cache held before (as llama.cpp's
+    do: a truncated sequence's new KV lands in cells after those an earlier request used,
+    and the sums come out in other last digits); only an empty sequence starts afresh."""
+    forward, truncate = backend.forward, backend.truncate
+    fed = {}  # seq -> tokens fed since the sequence was last emptied
+
+    def shaped(seq, tokens, parents=None):
+        logits = forward(seq, tokens, parents)  # [n, V]
+        fed[seq] = fed.get(seq, 0) + len(tokens)
+        return logits + np.random.default_rng(fed[seq]).normal(0.0, 0.5, logits.shape[-1])
+
+    def cut(seq, length):
+        truncate(seq, length)
+        if length == 0:
+            fed[seq] = 0
+
+    backend.forward, backend.truncate = shaped, cut
+    return backend
+
+
+def test_a_seeded_request_replays_whatever_the_drafter_cache_held(small_vocab_models):
+    tok = TinyTokenizer(V)
+    target = make_backend("numpy", small_vocab_models[0], tok)
+    drafter = _history_dependent(make_backend("numpy", small_vocab_models[1], tok))
+    engine = SpeculativeEngine(target, [DraftModelProposer(drafter)], k=3)
+    params = SamplingParams(temperature=1.0)
+    runs = [
+        engine.generate(GenerationRequest(SAMPLED_PROMPT, 20, params, seed=s)).token_ids
+        for s in (7, 7, 8, 7, 7)
+    ]
+    assert runs[0] == runs[1] == runs[3] == runs[4]
+
+
 @pytest.mark.parametrize(
     "q_kind", ["top-3", "quantized", "quantized-top-4"], ids=lambda s: f"q={s}"
 )

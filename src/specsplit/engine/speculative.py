@@ -291,6 +291,13 @@ class DecodeLoop:
         seed = req.seed if req.seed is not None else secrets.randbits(63)
         draws = [drafter_uniform(seed, j) for j in range(len(self.proposers))]
         run = _Run(req, self.verifier.tokenizer, GenerationStats(seed=seed), t_arrival)
+        if req.seed is not None and not req.resume_ids:
+            # a seeded request replays: every drafter starts from an empty cache, so its q is
+            # computed by the same passes each time (llama.cpp's floats depend on how a
+            # position's KV was batched, so a cache left by an earlier request would change
+            # q in its last digits, and rarely a draw; a resume keeps the drafters' caches)
+            for p in self.proposers:
+                p.reset()
         run.out = [int(t) for t in req.resume_ids]  # output an earlier server made
         run.text.update(run.out)  # (its text was shown already)
         stats = run.stats
