@@ -269,6 +269,10 @@ def test_prefill_shares():
     assert prefill_shares([5, 100, 100], 90, 256) == [5, 42, 43]  # the rest goes to the others
     assert prefill_shares([300, 10], 512, 256) == [256, 10]  # at most a chunk each
     assert prefill_shares([7, 7, 7], 3, 256) == [1, 1, 1]
+    # a padded pass: every item the same length, the least any misses (no padding computed)
+    assert prefill_shares([5, 100, 100], 90, 256, same_length=True) == [5, 5, 5]
+    assert prefill_shares([300, 290], 512, 256, same_length=True) == [256, 256]
+    assert prefill_shares([100, 100, 100], 90, 256, same_length=True) == [30, 30, 30]
     assert prefill_budget(4, 64, others_decoding=True) == 64
     assert prefill_budget(4, 64, others_decoding=False) == 256
 
@@ -311,23 +315,32 @@ def open_together(sch: BatchScheduler, prompts: list[list[int]], new_tokens: int
     return out
 
 
-def test_sessions_opening_at_once_are_prefilled_in_one_pass(setup):
-    """Five prompts of different lengths arrive together: one batched prefill pass, every first
-    token (from the prefill) and every greedy text equal to the target alone's."""
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_sessions_opening_at_once_are_prefilled_together(setup, kind):
+    """Five prompts (three of 8 tokens, two of 12) arrive together: prefilled in batched passes
+    (on torch, which pads, rows of one length: two passes; on numpy, one pass of the whole
+    prompts), every first token (from the prefill) and every greedy text equal to the target
+    alone's."""
     tok, model, _ = setup
-    prompts = [PROMPT[: 3 + 3 * i] for i in range(5)]
+    prompts = [PROMPT[i : 8 + i] for i in range(3)] + [PROMPT[i : 12 + i] for i in range(2)]
     refs = [
         SpeculativeEngine(TorchBackend(model, tok)).generate(GenerationRequest(p, 10)).token_ids
         for p in prompts
     ]
-    sch = BatchScheduler(TorchBackend(model, tok), batch_window=0.0, max_batch=8)
+    target = TorchBackend(model, tok) if kind == "torch" else NumpyBackend.from_torch(model, tok)
+    sch = BatchScheduler(target, batch_window=0.0, max_batch=8)
     log = PrefillLog(sch)
     try:
         assert open_together(sch, prompts, 10) == refs
     finally:
         sch.stop()
-    assert log.passes == [[len(p) for p in prompts]]  # the whole prompts, first token included
-    assert sch.stats.prefill_passes == 1 and sch.stats.prefill_sizes == {5: 1}
+    # the whole prompts, first token included
+    if kind == "torch":
+        assert log.passes == [[8] * 5, [4] * 2]
+        assert sch.stats.prefill_sizes == {5: 1, 2: 1}
+    else:
+        assert [sorted(p) for p in log.passes] == [[8, 8, 8, 12, 12]]  # (in order of arrival)
+        assert sch.stats.prefill_sizes == {5: 1}
     assert max(sch.stats.batch_sizes) > 1
 
 
@@ -346,7 +359,7 @@ def test_batched_prefill_keeps_max_batch_and_chunks(setup):
         assert open_together(sch, prompts, 6) == refs
     finally:
         sch.stop()
-    assert all(len(p) <= 2 and max(p) <= 8 for p in log.passes)
+    assert all(len(p) <= 2 and max(p) <= 8 and min(p) == max(p) for p in log.passes)
     assert sum(map(sum, log.passes)) == sum(len(p) for p in prompts)
     assert max(map(len, log.passes)) == 2
 

@@ -102,6 +102,7 @@ class Backend(ABC):
     vocab_size: int  # rows of the logits; may exceed tokenizer.vocab_size (padding)
     n_ctx: int  # the most tokens one sequence may hold
     supports_tree: bool = False  # forward(..., parents) and keep() implemented
+    pads_batch: bool = False  # a batched pass costs its items times its longest (padding)
     source_gguf: Path | None = None  # the GGUF the model came from (its tokenizer can travel)
 
     @abstractmethod

@@ -74,6 +74,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     supports_tree = True
+    pads_batch = True  # new tokens are padded on the right to the longest item
 
     def __init__(
         self, model: Any, tokenizer: Tokenizer, device: str = "cpu", n_ctx: int | None = None

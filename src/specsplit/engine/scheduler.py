@@ -316,7 +316,8 @@ class BatchScheduler:
         todo = sorted(todo, key=lambda s: s.t_prefill)
         take = todo[: min(self.max_batch, self.prefill_chunk)]
         budget = prefill_budget(len(take), self.prefill_chunk, others_decoding)
-        shares = prefill_shares([s.state.missing() for s in take], budget, self.prefill_chunk)
+        missing = [s.state.missing() for s in take]
+        shares = prefill_shares(missing, budget, self.prefill_chunk, self.target.pads_batch)
         while not self._ensure_room(take, sum(shares)):
             if len(take) == 1:  # not even one chunk fits
                 s = take[0]
