@@ -103,13 +103,22 @@ class VerifySession:
         the first new token, its last chunk takes the whole prompt and decides that token from
         the target's logits after it, as a round without drafts would (the same keyed draw),
         so the first token does not wait for a round."""
+        part = self.prefill_part(target, chunk)
+        if part:
+            assert self.seq is not None
+            self.prefilled(len(part), target.prefill(self.seq, part))
+
+    def prefill_part(self, target: Backend, chunk: int) -> list[int]:
+        """The next up to ``chunk`` committed tokens the KV cache lacks (a sequence is opened
+        if none is held); once the target has them, call ``prefilled``."""
         if self.seq is None:
             self.seq, self.cached = target.new_sequence(), 0
-        part = self.tokens[self.cached : self.cached + min(chunk, self.missing())]
-        if not part:
-            return
-        logits = target.prefill(self.seq, part)  # [V] after the last token of part
-        self.cached += len(part)
+        return self.tokens[self.cached : self.cached + min(chunk, self.missing())]
+
+    def prefilled(self, n: int, logits: np.ndarray) -> None:
+        """n more tokens are in the KV cache; logits [V] after the last of them decide the first
+        new token where the prefill owes it (see ``prefill_step``)."""
+        self.cached += n
         if self.wants_first and self.cached == len(self.tokens):
             rnd = plan_round(self.pending, [], self.vocab)
             verdict, _ = decide(rnd, logits[None], self.params, self.uniform, len(self.tokens))
