@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 
 from specsplit.backends.base import Backend
 from specsplit.engine.rounds import Round
-from specsplit.engine.verifier import Outcome, Verifier, VerifySession
+from specsplit.engine.verifier import Outcome, Verifier, VerifySession, tree_paths
 from specsplit.errors import ConfigError, Overloaded, ServerFull, SessionGone, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.sampling import SamplingParams
@@ -423,6 +423,7 @@ class ScheduledVerifier(Verifier):
         self.tokenizer, self.vocab_size, self.n_ctx = t.tokenizer, t.vocab_size, t.n_ctx
         self.cost_shape = scheduler.cost_shape
         self.max_draft = scheduler.max_draft
+        self.tree_paths = tree_paths(scheduler.target)
         self.served: Served | None = None
 
     def open(

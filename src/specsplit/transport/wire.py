@@ -89,17 +89,37 @@ def drafts_to_pb(drafts: Sequence[Draft]) -> list[pb.Chain]:
         if not d.tokens:
             continue
         q = [] if d.q is None else [q_row_to_pb(d.q[i]) for i in range(len(d.tokens))]
-        chains.append(pb.Chain(tokens=[int(t) for t in d.tokens], q=q))
+        parents = [] if d.parents is None else [int(p) + 1 for p in d.parents]
+        chains.append(pb.Chain(tokens=[int(t) for t in d.tokens], q=q, parents=parents))
     return chains
 
 
+def _tree_parents(c: pb.Chain, tree_paths: int) -> list[int] | None:
+    """A tree chain's parents (-1: the committed text), checked; None for a chain."""
+    if not c.parents:
+        return None
+    if len(c.parents) != len(c.tokens):
+        raise ProtocolError(f"{len(c.tokens)} tree tokens but {len(c.parents)} parents")
+    parents = [int(p) - 1 for p in c.parents]
+    if any(not -1 <= p < i for i, p in enumerate(parents)):
+        raise ProtocolError("a tree token's parent must be an earlier token (or 0: the text)")
+    inner = set(parents)
+    leaves = sum(1 for i in range(len(parents)) if i not in inner)
+    if leaves > tree_paths:
+        raise ProtocolError(f"a tree with {leaves} paths; this server takes {tree_paths}")
+    return parents
+
+
 def drafts_from_pb(
-    chains: Sequence[pb.Chain], vocab: int, max_tokens: int, greedy: bool
+    chains: Sequence[pb.Chain], vocab: int, max_tokens: int, greedy: bool, tree_paths: int = 0
 ) -> list[Draft]:
-    """Validated drafts; q rows dense [k, vocab] float64 (exactly counts / 2**16)."""
+    """Validated drafts; q rows dense [k, vocab] float64 (exactly counts / 2**16). A tree
+    (``Chain.parents``) comes alone, with at most ``tree_paths`` root-to-leaf paths."""
     total = sum(len(c.tokens) for c in chains)
     if total > max_tokens:
         raise ProtocolError(f"{total} draft tokens in one round; the limit is {max_tokens}")
+    if len(chains) > 1 and any(c.parents for c in chains):
+        raise ProtocolError("a tree comes alone in its round")
     out = []
     for c in chains:
         toks = list(c.tokens)
@@ -107,10 +127,11 @@ def drafts_from_pb(
             raise ProtocolError("an empty draft chain")
         if max(toks) >= vocab:
             raise ProtocolError(f"draft token id {max(toks)} outside the vocabulary [0, {vocab})")
+        parents = _tree_parents(c, tree_paths)
         if greedy or not c.q:
             if c.q:
                 raise ProtocolError("a greedy round carries token ids only")
-            out.append(Draft(toks))
+            out.append(Draft(toks, None, parents))
             continue
         if len(c.q) != len(toks):
             raise ProtocolError(f"{len(toks)} draft tokens but {len(c.q)} q rows")
@@ -127,7 +148,7 @@ def drafts_from_pb(
             if x not in set(ids.tolist()):
                 raise ProtocolError("a draft token has probability 0 under its own q")
             q[i, ids] = counts / float(Q_TOTAL)
-        out.append(Draft(toks, q))
+        out.append(Draft(toks, q, parents))
     return out
 
 
