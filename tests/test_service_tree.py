@@ -13,6 +13,7 @@ from specsplit.draw_tree import DrawTree
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
 from specsplit.engine.tree_policy import FixedTree
 from specsplit.engine.verifier import LocalVerifier
+from specsplit.errors import ConfigError
 from specsplit.proposers.base import Draft
 from specsplit.proposers.draft_model import DraftModelProposer
 from specsplit.sampling import SamplingParams
@@ -89,6 +90,7 @@ def test_wire_carries_a_tree_and_checks_it():
     d = Draft([1, 2, 2], q, [-1, -1, 0])
     chains = wire.drafts_to_pb([d])
     assert list(chains[0].parents) == [0, 0, 1]
+    assert len(chains[0].q) == 2  # one row per parent: the root's, draw 0's
     back = wire.drafts_from_pb(chains, 8, 16, greedy=False, tree_paths=32)[0]
     assert back.parents == [-1, -1, 0] and np.array_equal(back.q, q)
     assert DrawTree.build(back.tokens, back.parents).n_paths() == 2
@@ -99,3 +101,6 @@ def test_wire_carries_a_tree_and_checks_it():
     chains[0].parents[2] = 3  # a parent after its child
     with pytest.raises(wire.ProtocolError):
         wire.drafts_from_pb(chains, 8, 16, greedy=False, tree_paths=32)
+    q[1, [1, 2]] = [0.25, 0.75]  # siblings drawn from different q: not a tree of i.i.d. draws
+    with pytest.raises(ConfigError):
+        wire.drafts_to_pb([Draft([1, 2, 2], q, [-1, -1, 0])])

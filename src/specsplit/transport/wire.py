@@ -2,7 +2,7 @@
 
 A sampled draft token travels with the exact distribution it was sampled from, quantized
 (integer counts summing to 2**16 over the tokens it could have been; see
-``sampling.quantize``). A q that is not exactly representable is refused on the sending
+``sampling.quantize``); the draws of a tree under one parent share one row. A q that is not exactly representable is refused on the sending
 side: rounding it would break losslessness.
 """
 
@@ -88,10 +88,39 @@ def drafts_to_pb(drafts: Sequence[Draft]) -> list[pb.Chain]:
     for d in drafts:
         if not d.tokens:
             continue
-        q = [] if d.q is None else [q_row_to_pb(d.q[i]) for i in range(len(d.tokens))]
+        rows = _q_rows(d)
+        q = [] if d.q is None else [q_row_to_pb(d.q[i]) for i in rows]
         parents = [] if d.parents is None else [int(p) + 1 for p in d.parents]
         chains.append(pb.Chain(tokens=[int(t) for t in d.tokens], q=q, parents=parents))
     return chains
+
+
+def _q_rows(d: Draft) -> list[int]:
+    """The draws whose q rows go on the wire: every draw of a chain; for a tree, the first
+    draw under each parent (siblings are drawn from one q, so one row serves them all)."""
+    if d.parents is None:
+        return list(range(len(d.tokens)))
+    first: dict[int, int] = {}
+    for i, p in enumerate(d.parents):
+        first.setdefault(p, i)
+        if d.q is not None and not np.array_equal(d.q[i], d.q[first[p]]):
+            raise ConfigError("a tree's siblings must be drawn from one q (i.i.d. children)")
+    return list(first.values())
+
+
+def _row_from_pb(row: pb.QRow, x: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """A checked q row: its ids and probabilities (counts / 2**16); x must be among the ids."""
+    ids = np.asarray(row.ids, dtype=np.int64)
+    counts = np.asarray(row.counts, dtype=np.int64)
+    if len(ids) != len(counts) or len(ids) == 0:
+        raise ProtocolError("a q row needs as many counts as ids, at least one")
+    if ids.max() >= vocab or len(np.unique(ids)) != len(ids):
+        raise ProtocolError("q row ids must be distinct and inside the vocabulary")
+    if counts.min() < 1 or int(counts.sum()) != Q_TOTAL:
+        raise ProtocolError(f"q row counts must be >= 1 and sum to {Q_TOTAL}")
+    if x not in set(ids.tolist()):
+        raise ProtocolError("a draft token has probability 0 under its own q")
+    return ids, counts / float(Q_TOTAL)
 
 
 def _tree_parents(c: pb.Chain, tree_paths: int) -> list[int] | None:
@@ -133,21 +162,18 @@ def drafts_from_pb(
                 raise ProtocolError("a greedy round carries token ids only")
             out.append(Draft(toks, None, parents))
             continue
-        if len(c.q) != len(toks):
-            raise ProtocolError(f"{len(toks)} draft tokens but {len(c.q)} q rows")
+        # row of each draw: its own (a chain), its parent's (a tree: one per parent, in the
+        # order the parents first appear)
+        order = list(range(len(toks))) if parents is None else list(dict.fromkeys(parents))
+        row_of = list(range(len(toks))) if parents is None else [order.index(p) for p in parents]
+        if len(c.q) != len(order):
+            raise ProtocolError(
+                f"{len(toks)} draft tokens need {len(order)} q rows, got {len(c.q)}"
+            )
         q = np.zeros((len(toks), vocab), dtype=np.float64)  # [k, V]
-        for i, (row, x) in enumerate(zip(c.q, toks, strict=True)):
-            ids = np.asarray(row.ids, dtype=np.int64)
-            counts = np.asarray(row.counts, dtype=np.int64)
-            if len(ids) != len(counts) or len(ids) == 0:
-                raise ProtocolError("a q row needs as many counts as ids, at least one")
-            if ids.max() >= vocab or len(np.unique(ids)) != len(ids):
-                raise ProtocolError("q row ids must be distinct and inside the vocabulary")
-            if counts.min() < 1 or int(counts.sum()) != Q_TOTAL:
-                raise ProtocolError(f"q row counts must be >= 1 and sum to {Q_TOTAL}")
-            if x not in set(ids.tolist()):
-                raise ProtocolError("a draft token has probability 0 under its own q")
-            q[i, ids] = counts / float(Q_TOTAL)
+        for i, x in enumerate(toks):
+            ids, probs = _row_from_pb(c.q[row_of[i]], x, vocab)
+            q[i, ids] = probs
         out.append(Draft(toks, q, parents))
     return out
 
