@@ -138,13 +138,14 @@ class AdaptiveTree(TreePolicy):
             if w * d <= node_cap
         ]
         w, d = max(shapes, key=lambda s: self.rate(*s))
+        first = float(self.alphas(1)[0])  # how often a first draw passes: ranks the others
         if d == 0 and len(shapes) > 1:
             self._since_probe += 1
             if self._since_probe >= self.probe_every:  # keep the estimates alive
                 self._since_probe = 0
                 w, d = shapes[1]
         self.chosen.append((w, d))
-        return TreeShape(w, d, max(node_cap, 0), max(paths, 1))
+        return TreeShape(w, d, max(node_cap, 0), max(paths, 1), min(max(first, 0.05), 0.95))
 
     def update(
         self,

@@ -1,13 +1,17 @@
 """Drafting a token tree with one model, level by level (EAGLE-2's dynamic tree, kept exact).
 
 Each level holds at most ``width`` draws. Before a level is drawn, its slots go to the
-(node, rank) pairs of the level above with the highest *global confidence*: the product of
-the draft probabilities along the node's path times the rank-th largest probability of the
-node's next-token distribution (EAGLE-2). Greedy: a node's children are its draft's top
-tokens, distinct. Sampled: a node given c slots draws c children i.i.d. from its q, so the
-counts depend only on the levels above and on q at the node, never on the values drawn for
-the children (the condition ``draw_tree`` needs for exactness). A draw that repeats a
-sibling's token gets no children (it can never be accepted after its twin is rejected).
+(node, rank) pairs of the level above with the highest *global confidence*: the node's
+confidence times that of its rank-th child. Greedy (EAGLE-2): a node's children are its
+draft's top tokens, distinct, and a child's confidence is the draft probability of its token
+(so a node's is the product along its path). Sampled: a node given c slots draws c children
+i.i.d. from its q, so the counts depend only on the levels above and on q at the node, never
+on the values drawn for the children (the condition ``draw_tree`` needs for exactness); the
+j-th child is tried only after the ones before it were rejected, so its confidence is
+a (1 - a)^j with a = ``TreeShape.accept`` (the measured acceptance of a first draw): the
+first draws always form a full-depth chain and the others branch off it. A draw that
+repeats a sibling's token gets confidence 0 (it is never accepted after its twin is
+rejected), so no children.
 
 One draft-model forward per level: the tree so far, in one tree-attention pass over the
 committed prefix (the backends' ``forward(seq, tokens, parents)``), gives the next-token
@@ -34,9 +38,10 @@ class TreeShape:
     depth: int  # levels (the most draft tokens one round can accept; 0: no draft)
     max_nodes: int = 1 << 30  # all draws together (the verifier's limit, the context room)
     max_paths: int = 1 << 30  # root-to-leaf paths (the llama.cpp backend holds 32)
+    accept: float = 0.7  # sampled trees: how often a first draw passes (ranks the others)
 
     def __post_init__(self) -> None:
-        if self.width < 1 or self.depth < 0:
+        if self.width < 1 or self.depth < 0 or not 0 < self.accept < 1:
             raise ConfigError(f"a tree needs width >= 1 and depth >= 0, got {self}")
 
     @property
@@ -106,7 +111,11 @@ def draft_tree(
         if slots <= 0:
             break
         conf = [_confidence(lg, params, q_of) for lg in logits]  # [V] each
-        ranked = [np.sort(c)[::-1] for c in conf]
+        if params.greedy:
+            ranked = [np.sort(c)[::-1] for c in conf]
+        else:  # the j-th draw at a node passes after j rejections
+            tries = shape.accept * (1 - shape.accept) ** np.arange(shape.width)  # [W]
+            ranked = [tries] * len(conf)
         counts = _allocate(scores, ranked, slots, shape.max_paths - n_paths)
         level, level_scores, slot = [], [], 0
         for v, c in enumerate(counts):
@@ -118,13 +127,14 @@ def draft_tree(
             else:
                 picks = [sample(conf[v], u(position + d, slot + j)) for j in range(c)]
             seen: set[int] = set()
-            for x in picks:
+            for j, x in enumerate(picks):
                 tokens.append(x)
                 parents.append(frontier[v])
                 if not params.greedy:
                     q_rows.append(conf[v])
                 level.append(len(tokens) - 1)
-                level_scores.append(0.0 if x in seen else scores[v] * conf[v][x])
+                own = conf[v][x] if params.greedy else ranked[v][j]
+                level_scores.append(0.0 if x in seen else scores[v] * own)
                 seen.add(x)
             slot += c
         if d + 1 == shape.depth or len(tokens) >= shape.nodes:
