@@ -304,3 +304,42 @@ def test_parse_tree():
     for bad in ("3", "0x2", "ax2", "3x-1"):
         with pytest.raises(ConfigError):
             parse_tree(bad)
+
+
+def test_batched_tree_rounds_keep_within_the_targets_paths(greedy_models):
+    """Several sessions' trees in one scheduler: a target that holds 4 paths at once (as
+    llama.cpp holds 32) never gets more in one pass, and every text stays exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
+    from specsplit.engine.speculative import DecodeLoop
+
+    tok = ByteTokenizer(300)
+    target = _backend("torch", greedy_models[0], tok)
+    target.max_tree_paths = 4
+    seen: list[int] = []
+    inner = target.forward_batch
+
+    def counted(items):  # noqa: ANN001, ANN202
+        seen.append(sum(len(p) - len(set(p) - {-1}) for _, _, p in items if p is not None))
+        return inner(items)
+
+    target.forward_batch = counted
+    prompts = [PROMPT[: 6 + 2 * i] for i in range(3)]
+    refs = [SpeculativeEngine(target).generate(GenerationRequest(p, 24)).token_ids for p in prompts]
+    sch = BatchScheduler(target, batch_window=0.05)
+    sch.start()
+    try:
+
+        def run(p):  # noqa: ANN001, ANN202
+            drafter = DraftModelProposer(_backend("torch", greedy_models[1], tok))
+            loop = DecodeLoop(ScheduledVerifier(sch), [drafter], FixedTree(3, 3))
+            return loop.generate(GenerationRequest(p, 24)).token_ids
+
+        with ThreadPoolExecutor(3) as pool:
+            got = list(pool.map(run, prompts))
+    finally:
+        sch.stop()
+    assert got == refs
+    assert seen and max(seen) <= 4
+    assert max(sch.stats.batch_sizes) > 1

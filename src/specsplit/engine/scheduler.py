@@ -345,6 +345,29 @@ class BatchScheduler:
                 s.jobs.appendleft(job)
         return planned
 
+    def _fit_paths(
+        self, planned: list[tuple[Served, _Job, Round]]
+    ) -> list[tuple[Served, _Job, Round]]:
+        """The planned rounds whose trees fit together in one pass of a target that holds a
+        bounded number of root-to-leaf paths at once (llama.cpp: 32); the others go back to
+        the head of their queues (the first round always goes: a client keeps within it)."""
+        budget = getattr(self.target, "max_tree_paths", None)
+        if budget is None:
+            return planned
+        keep, back, used = [], [], 0
+        for item in planned:
+            parents = item[2].parents
+            paths = 0 if parents is None else len(parents) - len(set(parents) - {-1})
+            if keep and used + paths > budget:
+                back.append(item)
+                continue
+            keep.append(item)
+            used += paths
+        with self._cv:
+            for s, job, _ in reversed(back):
+                s.jobs.appendleft(job)
+        return keep
+
     def _verify(self, batch: list[Served]) -> None:
         t_start = time.perf_counter()
         planned: list[tuple[Served, _Job, Round]] = []
@@ -370,7 +393,7 @@ class BatchScheduler:
                 job.future.set_result(s.state.dropped())
                 continue
             planned.append((s, job, rnd))
-        planned = self._fit(planned)
+        planned = self._fit(self._fit_paths(planned))
         if not planned:
             return
         t0 = time.perf_counter()

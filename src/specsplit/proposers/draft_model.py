@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
@@ -95,6 +96,9 @@ class DraftModelProposer(Proposer):
         catch-up feeds the accepted path)."""
         if shape.depth <= 0:
             return Draft([])
+        own = getattr(self.backend, "max_tree_paths", None)  # the drafter's own tree passes
+        if own is not None and own < shape.max_paths:
+            shape = replace(shape, max_paths=own)
         root = self._sync(context)  # [V]
         start = len(self._fed)
         t0 = time.perf_counter()
