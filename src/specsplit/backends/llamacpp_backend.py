@@ -252,6 +252,7 @@ class LlamaCppBackend(Backend):
 
     name = "llama.cpp"
     supports_tree = True
+    max_tree_paths = TREE_SEQS  # root-to-leaf paths of one tree (temporary sequence ids)
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ import numpy as np
 from specsplit.backends.base import Backend
 from specsplit.engine.prefill import prefill_budget, prefill_shares
 from specsplit.engine.rounds import Round
-from specsplit.engine.verifier import Outcome, Verifier, VerifySession
+from specsplit.engine.verifier import Outcome, Verifier, VerifySession, tree_paths
 from specsplit.errors import ConfigError, Overloaded, ServerFull, SessionGone, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.sampling import SamplingParams
@@ -405,6 +405,29 @@ class BatchScheduler:
                 s.jobs.appendleft(job)
         return planned
 
+    def _fit_paths(
+        self, planned: list[tuple[Served, _Job, Round]]
+    ) -> list[tuple[Served, _Job, Round]]:
+        """The planned rounds whose trees fit together in one pass of a target that holds a
+        bounded number of root-to-leaf paths at once (llama.cpp: 32); the others go back to
+        the head of their queues (the first round always goes: a client keeps within it)."""
+        budget = getattr(self.target, "max_tree_paths", None)
+        if budget is None:
+            return planned
+        keep, back, used = [], [], 0
+        for item in planned:
+            parents = item[2].parents
+            paths = 0 if parents is None else len(parents) - len(set(parents) - {-1})
+            if keep and used + paths > budget:
+                back.append(item)
+                continue
+            keep.append(item)
+            used += paths
+        with self._cv:
+            for s, job, _ in reversed(back):
+                s.jobs.appendleft(job)
+        return keep
+
     def _verify(self, batch: list[Served]) -> None:
         t_start = time.perf_counter()
         planned: list[tuple[Served, _Job, Round]] = []
@@ -430,7 +453,7 @@ class BatchScheduler:
                 job.future.set_result(s.state.dropped())
                 continue
             planned.append((s, job, rnd))
-        planned = self._fit(planned)
+        planned = self._fit(self._fit_paths(planned))
         if not planned:
             return
         t0 = time.perf_counter()
@@ -483,6 +506,7 @@ class ScheduledVerifier(Verifier):
         self.tokenizer, self.vocab_size, self.n_ctx = t.tokenizer, t.vocab_size, t.n_ctx
         self.cost_shape = scheduler.cost_shape
         self.max_draft = scheduler.max_draft
+        self.tree_paths = tree_paths(scheduler.target)
         self.served: Served | None = None
 
     def open(
