@@ -252,3 +252,20 @@ def test_a_differing_run_is_located_and_its_tie_measured():
     assert set(div) == {"x"} and div["x"]["position"] == 2
     assert div["x"]["top2_gap"] == pytest.approx(top2_gap(target, prompt + [5, 6]))
     assert div["x"]["near_tie"] == (div["x"]["top2_gap"] < 2e-3)
+
+
+def test_tree_system_beside_the_chain_with_its_limit_line(tmp_path):
+    tok = ByteTokenizer(300)
+    target_model = tiny_llama(vocab=300, seed=0)
+    target = TorchBackend(target_model, tok)
+    setup = Setup(target, TorchBackend(perturbed(target_model, 0.08, seed=1), tok), "tinydraft")
+    ns = _ns(tmp_path, "--drafters", "model,tree", "--draft-tree", "3x3", "--k", "3")
+    doc = run_bench(ns, setup, PROMPTS[:2])
+    names = [s["name"] for s in doc["systems"]]
+    assert names == ["target", "spec[tinydraft]", "tree[tinydraft]"]
+    for rec in doc["prompts"]:
+        assert rec["greedy_equal"]["tree[tinydraft]"] is True
+    lim = doc["physical_limit"]["tree[tinydraft]"]
+    assert lim["best_k"] >= 1 and lim["limit_speedup"] > 0
+    write_outputs(doc, tmp_path)
+    assert "tree[tinydraft]" in (tmp_path / "report.md").read_text()

@@ -156,6 +156,19 @@ def test_forward_batch_matches_separate(backend, ids):
         backend.forward_batch([(a, ids[:2])])
 
 
+def test_prefill_batch_matches_separate(backend, ids):
+    a, b = backend.new_sequence(), backend.new_sequence()
+    backend.prefill(a, ids[:3])
+    batched = backend.prefill_batch([(a, ids[3:9]), (b, ids[:4])])
+    assert [x.shape for x in batched] == [(backend.vocab_size,)] * 2
+    assert (backend.length(a), backend.length(b)) == (9, 4)
+    close_logits(batched[0][None], chain(backend, ids[:9])[-1:])
+    close_logits(batched[1][None], chain(backend, ids[:4])[-1:])
+    close_logits(backend.forward(b, ids[4:6]), chain(backend, ids[:6])[-2:])  # the cache is right
+    backend.free_sequence(a)
+    backend.free_sequence(b)
+
+
 def test_sequences_and_temporary_ids_are_recycled(backend, ids):
     for _ in range(3 * 8):
         seq = backend.new_sequence()

@@ -18,6 +18,7 @@ from specsplit.backends.byte_tokenizer import ByteTokenizer
 from specsplit.backends.numpy_backend import NumpyBackend
 from specsplit.backends.torch_backend import TorchBackend
 from specsplit.engine.draft_length import FixedK
+from specsplit.engine.prefill import prefill_budget, prefill_shares
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
 from specsplit.engine.verifier import LocalVerifier, Outcome
@@ -258,6 +259,157 @@ def test_idle_session_times_out(setup):
         assert not sch.sessions and s.closed and s.state.seq is None
     finally:
         sch.stop()
+
+
+# ---- new prompts prefilled together -------------------------------------------------------
+
+
+def test_prefill_shares():
+    assert prefill_shares([100, 100, 100], 90, 256) == [30, 30, 30]
+    assert prefill_shares([5, 100, 100], 90, 256) == [5, 42, 43]  # the rest goes to the others
+    assert prefill_shares([300, 10], 512, 256) == [256, 10]  # at most a chunk each
+    assert prefill_shares([7, 7, 7], 3, 256) == [1, 1, 1]
+    # a padded pass: every item the same length, the least any misses (no padding computed)
+    assert prefill_shares([5, 100, 100], 90, 256, same_length=True) == [5, 5, 5]
+    assert prefill_shares([300, 290], 512, 256, same_length=True) == [256, 256]
+    assert prefill_shares([100, 100, 100], 90, 256, same_length=True) == [30, 30, 30]
+    assert prefill_budget(4, 64, others_decoding=True) == 64
+    assert prefill_budget(4, 64, others_decoding=False) == 256
+
+
+class PrefillLog:
+    """Wraps a backend's prefill_batch: the tokens of each item of every pass, and the KV tokens
+    held (all sessions, this pass's included) at each pass."""
+
+    def __init__(self, sch: BatchScheduler) -> None:
+        self.sch, self.inner = sch, sch.target.prefill_batch
+        self.passes: list[list[int]] = []
+        self.held: list[int] = []
+        sch.target.prefill_batch = self
+
+    def __call__(self, items):  # noqa: ANN001, ANN204
+        self.passes.append([len(t) for _, t in items])
+        held = sum(s.state.cached for s in list(self.sch.sessions.values()))
+        self.held.append(held + sum(self.passes[-1]))
+        return self.inner(items)
+
+
+def open_together(sch: BatchScheduler, prompts: list[list[int]], new_tokens: int) -> list:
+    """One greedy cloud-only generation per prompt, each on its own thread, all opened before
+    the scheduler starts (so their prompts wait together); the token ids of each."""
+    out: list = [None] * len(prompts)
+
+    def run(i: int) -> None:
+        loop = DecodeLoop(ScheduledVerifier(sch), [], FixedK(0))
+        out[i] = loop.generate(GenerationRequest(prompts[i], new_tokens)).token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    deadline = time.time() + 30
+    while len(sch.sessions) < len(prompts) and time.time() < deadline:
+        time.sleep(0.01)
+    sch.start()
+    for t in threads:
+        t.join(60)
+    return out
+
+
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_sessions_opening_at_once_are_prefilled_together(setup, kind):
+    """Five prompts (three of 8 tokens, two of 12) arrive together: prefilled in batched passes
+    (on torch, which pads, rows of one length: two passes; on numpy, one pass of the whole
+    prompts), every first token (from the prefill) and every greedy text equal to the target
+    alone's."""
+    tok, model, _ = setup
+    prompts = [PROMPT[i : 8 + i] for i in range(3)] + [PROMPT[i : 12 + i] for i in range(2)]
+    refs = [
+        SpeculativeEngine(TorchBackend(model, tok)).generate(GenerationRequest(p, 10)).token_ids
+        for p in prompts
+    ]
+    target = TorchBackend(model, tok) if kind == "torch" else NumpyBackend.from_torch(model, tok)
+    sch = BatchScheduler(target, batch_window=0.0, max_batch=8)
+    log = PrefillLog(sch)
+    try:
+        assert open_together(sch, prompts, 10) == refs
+    finally:
+        sch.stop()
+    # the whole prompts, first token included
+    if kind == "torch":
+        assert log.passes == [[8] * 5, [4] * 2]
+        assert sch.stats.prefill_sizes == {5: 1, 2: 1}
+    else:
+        assert [sorted(p) for p in log.passes] == [[8, 8, 8, 12, 12]]  # (in order of arrival)
+        assert sch.stats.prefill_sizes == {5: 1}
+    assert max(sch.stats.batch_sizes) > 1
+
+
+def test_batched_prefill_keeps_max_batch_and_chunks(setup):
+    """Five prompts, max_batch 2, chunks of 8: at most two sessions and a chunk each per pass;
+    texts exact (the first token decided after the last chunk)."""
+    tok, model, _ = setup
+    prompts = [PROMPT[: 4 + 3 * i] for i in range(5)]  # 4 .. 16 tokens
+    refs = [
+        SpeculativeEngine(TorchBackend(model, tok)).generate(GenerationRequest(p, 6)).token_ids
+        for p in prompts
+    ]
+    sch = BatchScheduler(TorchBackend(model, tok), batch_window=0.0, max_batch=2, prefill_chunk=8)
+    log = PrefillLog(sch)
+    try:
+        assert open_together(sch, prompts, 6) == refs
+    finally:
+        sch.stop()
+    assert all(len(p) <= 2 and max(p) <= 8 and min(p) == max(p) for p in log.passes)
+    assert sum(map(sum, log.passes)) == sum(len(p) for p in prompts)
+    assert max(map(len, log.passes)) == 2
+
+
+def test_prefill_shares_one_chunk_while_others_decode(setup):
+    """A session decodes while a long and a short prompt arrive: each prefill pass carries at
+    most one chunk in all, both prompts share the passes, and the short one is ready long
+    before the long one."""
+    tok, model, _ = setup
+    sch = _scheduler(model, tok, prefill_chunk=16)
+    try:
+        busy = sch.open(PROMPT, GREEDY, 0)
+        busy.ready.result(10)
+        log = PrefillLog(sch)
+        version = sch.submit(busy, [], 0).result(10).version
+        long = sch.open(PROMPT * 20, GREEDY, 1)  # 320 tokens
+        short = sch.open(PROMPT * 2, GREEDY, 2)  # 32 tokens
+        passes_when_short = None
+        while not long.ready.done():
+            version = sch.submit(busy, [], version).result(10).version
+            if short.ready.done() and passes_when_short is None:
+                passes_when_short = len(log.passes)
+        assert all(sum(p) <= 16 for p in log.passes)
+        assert any(len(p) == 2 for p in log.passes)  # prefilled together
+        assert passes_when_short is not None and passes_when_short < len(log.passes) / 2
+        assert long.state.cached == len(PROMPT) * 20 - 1
+    finally:
+        sch.stop()
+
+
+def test_prefill_respects_the_kv_budget(setup):
+    """Four sessions open at once with room for about two: no pass goes past the budget, every
+    text is exact."""
+    tok, model, _ = setup
+    prompts = [PROMPT[: 10 + 2 * i] for i in range(4)]
+    refs = [
+        SpeculativeEngine(TorchBackend(model, tok)).generate(GenerationRequest(p, 8)).token_ids
+        for p in prompts
+    ]
+    per_token = TorchBackend(model, tok).kv_bytes_per_token()
+    sch = BatchScheduler(
+        TorchBackend(model, tok), batch_window=0.0, max_batch=8, kv_budget=per_token * 48
+    )
+    log = PrefillLog(sch)
+    try:
+        assert open_together(sch, prompts, 8) == refs
+    finally:
+        sch.stop()
+    assert max(log.held) <= 48
+    assert max(map(len, log.passes)) >= 2  # still batched where the budget allows
 
 
 # ---- token trees from several sessions in one batched pass, on every backend ----------------

@@ -227,6 +227,32 @@ def test_forward_batch_equals_separate_forwards(backend: TorchBackend) -> None:
         np.testing.assert_allclose(g, backend.forward(r, m), rtol=0, atol=1e-9)
 
 
+def test_prefill_batch_equals_prefills_alone(backend: TorchBackend) -> None:
+    """New prompts and a chunk of a half-prefilled one in one padded pass: each item's last
+    logits [V] and its cache are those of a prefill alone."""
+    prefixes = [[], tokens(9, 20), []]
+    parts = [tokens(5, 21), tokens(12, 22), [7]]
+    batch_seqs, ref_seqs = [], []
+    for prefix in prefixes:
+        s, r = backend.new_sequence(), backend.new_sequence()
+        if prefix:
+            backend.prefill(s, prefix)
+            backend.prefill(r, prefix)
+        batch_seqs.append(s)
+        ref_seqs.append(r)
+    got = backend.prefill_batch(list(zip(batch_seqs, parts)))
+    want = [backend.prefill(r, p) for r, p in zip(ref_seqs, parts)]
+    for s, r, g, w in zip(batch_seqs, ref_seqs, got, want):
+        assert g.shape == (V,) and backend.length(s) == backend.length(r)
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-9)
+        np.testing.assert_allclose(
+            backend.forward(s, [3, 4]), backend.forward(r, [3, 4]), atol=1e-9
+        )
+    with pytest.raises(ConfigError, match="at least one token"):
+        backend.prefill_batch([(batch_seqs[0], [1]), (batch_seqs[1], [])])
+    assert backend.length(batch_seqs[0]) == backend.length(ref_seqs[0])  # unchanged
+
+
 PROMPT = [256, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 32, 72, 101]
 
 

@@ -18,6 +18,11 @@ Batch forward (the batch scheduler's one target pass for many sessions):
 each a chain (parents None) or a tree exactly as in ``forward``, and returns item b's logits
 [n_b, V]: those ``forward(seq, tokens, parents)`` would return (on llama.cpp, up to its
 batch-shape drift). If it raises, no sequence has changed.
+
+Batch prefill (several new prompts, or chunks of them, in one pass): ``prefill_batch([(seq,
+tokens), ...])`` appends each item's chain and returns the logits [V] after its last token,
+those ``prefill(seq, tokens)`` would return; the lm_head runs on those rows only. If it
+raises, no sequence has changed.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import numpy as np
 from specsplit.errors import ConfigError
 
 BatchItem = tuple[int, Sequence[int], Sequence[int] | None]  # (seq, tokens [n], parents [n])
+PrefillItem = tuple[int, Sequence[int]]  # (seq, tokens [n >= 1]): a chain
 
 
 def check_batch(items: Sequence[BatchItem]) -> list[BatchItem]:
@@ -49,6 +55,17 @@ def check_batch(items: Sequence[BatchItem]) -> list[BatchItem]:
     seqs = [seq for seq, _, _ in batch]
     if len(set(seqs)) != len(seqs):
         raise ConfigError("forward_batch: each sequence may appear only once")
+    return batch
+
+
+def check_prefill(items: Sequence[PrefillItem]) -> list[PrefillItem]:
+    """prefill_batch's items as (seq, tokens) pairs; a ConfigError for a sequence named twice
+    or an item without tokens."""
+    if any(not isinstance(it, tuple | list) or len(it) != 2 for it in items):
+        raise ConfigError("prefill_batch items are (seq, tokens) pairs")
+    batch = [(seq, tokens) for seq, tokens, _ in check_batch([(*it, None) for it in items])]
+    if any(not tokens for _, tokens in batch):
+        raise ConfigError("prefill_batch: every item needs at least one token")
     return batch
 
 
@@ -85,6 +102,7 @@ class Backend(ABC):
     vocab_size: int  # rows of the logits; may exceed tokenizer.vocab_size (padding)
     n_ctx: int  # the most tokens one sequence may hold
     supports_tree: bool = False  # forward(..., parents) and keep() implemented
+    pads_batch: bool = False  # a batched pass costs its items times its longest (padding)
     source_gguf: Path | None = None  # the GGUF the model came from (its tokenizer can travel)
 
     @abstractmethod
@@ -139,6 +157,21 @@ class Backend(ABC):
                 out.append(self.forward(seq, tokens, parents))
         except BaseException:
             for (seq, _, _), start in zip(batch[: len(out)], starts, strict=False):
+                self.truncate(seq, start)
+            raise
+        return out
+
+    def prefill_batch(self, items: Sequence[PrefillItem]) -> list[np.ndarray]:
+        """Append distinct sequences' chains at once; logits [V] after each item's last token
+        (see the module docstring). Default: one prefill after another, undone if one fails."""
+        batch = check_prefill(items)
+        starts = [self.length(seq) for seq, _ in batch]
+        out: list[np.ndarray] = []
+        try:
+            for seq, tokens in batch:
+                out.append(self.prefill(seq, tokens))
+        except BaseException:
+            for (seq, _), start in zip(batch[: len(out)], starts, strict=False):
                 self.truncate(seq, start)
             raise
         return out

@@ -30,7 +30,14 @@ from typing import Any
 import numpy as np
 
 from specsplit import registry
-from specsplit.backends.base import Backend, BatchItem, Tokenizer, check_batch
+from specsplit.backends.base import (
+    Backend,
+    BatchItem,
+    PrefillItem,
+    Tokenizer,
+    check_batch,
+    check_prefill,
+)
 from specsplit.backends.vocab import END_OF_TURN_TOKENS, vocab_fingerprint
 from specsplit.errors import ConfigError, ModelError
 
@@ -245,6 +252,7 @@ class LlamaCppBackend(Backend):
 
     name = "llama.cpp"
     supports_tree = True
+    max_tree_paths = TREE_SEQS  # root-to-leaf paths of one tree (temporary sequence ids)
 
     def __init__(
         self,
@@ -390,6 +398,28 @@ class LlamaCppBackend(Backend):
             raise
         return last[0]  # [V]
 
+    def prefill_batch(self, items: Sequence[PrefillItem]) -> list[np.ndarray]:
+        """Items (seq, tokens), distinct sequences, in one decode with logits at each item's
+        last row (one prefill per item if together they exceed N_BATCH tokens); [V] each."""
+        batch = check_prefill(items)
+        checked = [(seq, self._check_tokens(seq, tokens)) for seq, tokens in batch]
+        if len(batch) <= 1 or sum(len(t) for _, t in checked) > N_BATCH:
+            return super().prefill_batch(batch)
+        starts = [(seq, self._lens[seq]) for seq, _ in checked]
+        rows: list[Entry] = []
+        last: list[int] = []  # each item's last row
+        for seq, toks in checked:
+            rows.extend((t, self._lens[seq] + i, (seq,)) for i, t in enumerate(toks))
+            last.append(len(rows) - 1)
+        try:
+            logits = self._decode(rows, last)  # [B, V]
+        except Exception:
+            self._rollback(starts)
+            raise
+        for seq, toks in checked:
+            self._lens[seq] += len(toks)
+        return list(logits)
+
     def _run(self, items: Sequence[BatchItem]) -> list[np.ndarray]:
         """Forward several sequences' new tokens (chains or trees) in one llama_decode."""
         checked = [(s, self._check_tokens(s, t), p) for s, t, p in items]
@@ -439,18 +469,23 @@ class LlamaCppBackend(Backend):
         rows.extend((t, start + depth[i], tuple(on[i])) for i, t in enumerate(toks))
         return _Tree(start, [int(p) for p in parents], [ids[0] for ids in on], temps)
 
-    def _decode(self, rows: list[Entry], logits: str) -> np.ndarray:
-        """One llama_decode; logits "all" [n, V], "last" [1, V] or "none" [0, V]."""
+    def _decode(self, rows: list[Entry], logits: str | Sequence[int]) -> np.ndarray:
+        """One llama_decode; logits "all" [n, V], "last" [1, V], "none" [0, V], or at the
+        row indices given (ascending) [k, V]."""
         b, n = self._batch, len(rows)
         if n > N_BATCH:
             raise ConfigError(f"at most {N_BATCH} tokens in one token tree or batch, got {n}")
         b.n_tokens = n
+        if isinstance(logits, str):
+            want = {"all": set(range(n)), "last": {n - 1}, "none": set()}[logits]
+        else:
+            want = set(logits)
         for i, (tok, pos, seqs) in enumerate(rows):
             b.token[i], b.pos[i], b.n_seq_id[i] = tok, pos, len(seqs)
             ids = b.seq_id[i]
             for j, s in enumerate(seqs):
                 ids[j] = s
-            b.logits[i] = logits == "all" or (logits == "last" and i == n - 1)
+            b.logits[i] = i in want
         rc = _lib.llama_decode(self._ctx, b)
         if rc == 1:
             raise ConfigError(
@@ -459,13 +494,13 @@ class LlamaCppBackend(Backend):
             )
         if rc != 0:
             raise ModelError(f"llama_decode failed with code {rc} on a batch of {n} tokens")
-        if logits == "none":
+        if not want:
             return np.zeros((0, self.vocab_size), dtype=np.float32)
-        n_out = n if logits == "all" else 1  # all: rows in batch order
+        n_out = len(want)  # rows in batch order
         ptr = (
             _lib.llama_get_logits(self._ctx)
             if n_out > 1
-            else _lib.llama_get_logits_ith(self._ctx, n - 1)
+            else _lib.llama_get_logits_ith(self._ctx, max(want))
         )
         if not ptr:
             raise ModelError("llama.cpp returned no logits")

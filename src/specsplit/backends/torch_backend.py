@@ -28,7 +28,14 @@ import numpy as np
 import torch
 
 from specsplit import registry
-from specsplit.backends.base import Backend, BatchItem, Tokenizer, check_batch
+from specsplit.backends.base import (
+    Backend,
+    BatchItem,
+    PrefillItem,
+    Tokenizer,
+    check_batch,
+    check_prefill,
+)
 from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint
 from specsplit.backends.torch_attention import use_exact_attention
 from specsplit.backends.tree import tree_layout
@@ -67,6 +74,7 @@ class TorchBackend(Backend):
 
     name = "torch"
     supports_tree = True
+    pads_batch = True  # new tokens are padded on the right to the longest item
 
     def __init__(
         self, model: Any, tokenizer: Tokenizer, device: str = "cpu", n_ctx: int | None = None
@@ -239,11 +247,25 @@ class TorchBackend(Backend):
             out[b] = lg
         return out
 
+    @torch.inference_mode()
+    def prefill_batch(self, items: Sequence[PrefillItem]) -> list[np.ndarray]:
+        """Items (seq, tokens), distinct sequences: one batched forward of their chains, the
+        lm_head on each item's last position only; logits [V] per item."""
+        batch = check_prefill(items)
+        if len(batch) <= 1:
+            return super().prefill_batch(batch)
+        toks = [self._check_tokens(seq, tokens) for seq, tokens in batch]
+        logits = self._forward_padded(
+            [(seq, t, None) for (seq, _), t in zip(batch, toks, strict=True)], last_only=True
+        )
+        return [lg[-1] for lg in logits]
+
     def _forward_padded(
-        self, items: Sequence[tuple[int, list[int], Sequence[int] | None]]
+        self, items: Sequence[tuple[int, list[int], Sequence[int] | None]], last_only: bool = False
     ) -> list[np.ndarray]:
         """One forward of B >= 2 sequences, new tokens padded on the right to N; caches are
-        stacked into one batch cache and split back after the pass."""
+        stacked into one batch cache and split back after the pass. ``last_only``: logits
+        [1, V] after each item's last token (the lm_head on those rows alone), else [n_b, V]."""
         seqs = [seq for seq, _, _ in items]
         toks = [t for _, t, _ in items]
         layouts = [
@@ -255,14 +277,23 @@ class TorchBackend(Backend):
         ids = torch.tensor([t + [0] * (n_max - len(t)) for t in toks], device=self.device)
         pos = np.stack([ln + np.pad(d, (0, n_max - len(d))) for ln, (d, _) in zip(lens, layouts)])
         mask = attention_mask(lens, [a for _, a in layouts], self.model.dtype, self.device)
+        kwargs: dict[str, Any] = {}
+        if last_only:  # the distinct last positions [k]; logits come out [B, k, V]
+            keep = sorted({len(t) - 1 for t in toks})
+            kwargs["logits_to_keep"] = torch.tensor(keep, device=self.device)
         cache = self._stack_caches(seqs, max(lens))
         out = self.model(
             input_ids=ids,  # [B, N]
             position_ids=torch.from_numpy(pos).to(self.device),  # [B, N]
             attention_mask=mask,  # [B, 1, N, L + N]
             past_key_values=cache,
+            **kwargs,
         )
         self._unstack_caches(seqs, cache, max(lens), [len(t) for t in toks])
+        if last_only:
+            rows = torch.tensor([keep.index(len(t) - 1) for t in toks], device=self.device)
+            last = self._to_numpy(out.logits[torch.arange(len(toks)), rows])  # [B, V]
+            return [last[b : b + 1] for b in range(len(toks))]  # [1, V] each
         logits = self._to_numpy(out.logits)  # [B, N, V]
         return [logits[b, : len(t)] for b, t in enumerate(toks)]
 

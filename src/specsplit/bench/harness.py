@@ -35,6 +35,7 @@ from specsplit.bench.systems import (
     System,
 )
 from specsplit.engine.speculative import SpeculativeEngine
+from specsplit.engine.tree_policy import tree_policy
 from specsplit.errors import ConfigError
 from specsplit.faces.settings import parse_k
 
@@ -73,7 +74,15 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--draft-backend", default="llama.cpp", choices=["torch", "llama.cpp", "numpy"])
     b.add_argument("--threads", type=int, default=None, help="threads of every model")
     b.add_argument("--k", default="auto", help="K of the specsplit systems: a number or auto")
-    b.add_argument("--drafters", default="model,ngram,both", help="specsplit local systems")
+    b.add_argument(
+        "--drafters",
+        default="model,ngram,both",
+        help="specsplit local systems: model, ngram, both (model+ngram), tree (the draft model's "
+        "token tree, shaped by --draft-tree)",
+    )
+    b.add_argument(
+        "--draft-tree", default="auto", help="the tree system's shape: auto or WIDTHxDEPTH"
+    )
     b.add_argument("--rtt", default="", help="edge-cloud round-trip times in ms, e.g. 0,20,80")
     b.add_argument("--cloud-rtt", default=None, help="cloud-only RTTs (default: as --rtt)")
     b.add_argument("--hf", default="", help="HF systems: assisted, prompt-lookup")
@@ -100,6 +109,20 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     r.set_defaults(func=cmd_report)
 
 
+def _tree_system(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> list[System]:
+    """tree[draft]: the draft model proposes a token tree each round (shape: --draft-tree)."""
+    from specsplit.proposers.draft_model import DraftModelProposer
+
+    name = f"tree[{setup.draft_name}]"
+    if setup.draft is None or not setup.target.supports_tree:
+        why = "no draft model" if setup.draft is None else f"{setup.target.name}: no tree"
+        skipped.append({"name": name, "reason": why})
+        return []
+    policy = tree_policy(ns.draft_tree) or tree_policy("auto")
+    engine = SpeculativeEngine(setup.target, [DraftModelProposer(setup.draft)], policy=policy)
+    return [EngineSystem(name, "specsplit-local", engine, f"{setup.draft_name} tree")]
+
+
 def build_systems(ns: argparse.Namespace, setup: Setup) -> tuple[list[System], list[dict]]:
     """The systems of this run, and the ones skipped with the reason."""
     from specsplit.proposers.draft_model import DraftModelProposer
@@ -110,6 +133,9 @@ def build_systems(ns: argparse.Namespace, setup: Setup) -> tuple[list[System], l
     skipped: list[dict] = []
     d = setup.draft_name
     for which in csv_list(ns.drafters):
+        if which == "tree":
+            systems += _tree_system(ns, setup, skipped)
+            continue
         if which in ("model", "both") and setup.draft is None:
             skipped.append({"name": f"spec[{which}]", "reason": "no draft model"})
             continue

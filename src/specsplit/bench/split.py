@@ -1,7 +1,7 @@
-"""Benchmarks of the split system: round-trip times, server throughput, server memory.
+"""Benchmarks of the split system: round-trip times, server capacity, server memory.
 
     python -m specsplit.bench.split rtt --limit 5 --rtt 0,20,80
-    python -m specsplit.bench.split throughput --clients 8
+    python -m specsplit.bench.split throughput --users 1,2,4,8 --batch 8,1
     python -m specsplit.bench.split memory --sessions 100 --kv-budget 256MiB
 
 The server runs in its own process (``specsplit serve``); round-trip times are emulated by a
@@ -86,7 +86,10 @@ def rss_bytes(pid: int) -> tuple[int, int]:
 
 
 def chat_ids(tokenizer, text: str) -> list[int]:  # noqa: ANN001
+    """The prompt as a chat turn where the model has a chat template, else the plain text."""
     rendered = tokenizer.apply_chat_template([{"role": "user", "content": text}])
+    if rendered is None:
+        return tokenizer.encode(text)
     return tokenizer.encode(rendered, add_special=False)
 
 
@@ -333,6 +336,7 @@ def record_drafts(ns: argparse.Namespace) -> list[dict]:
 
 
 def _client_run(address: str, tokenizer, rec: dict, k: int, max_new: int) -> dict:  # noqa: ANN001
+    """One edge client replaying a recorded prompt's drafts (split: the server only verifies)."""
     from specsplit.engine.draft_length import FixedK
     from specsplit.engine.speculative import DecodeLoop, GenerationRequest
     from specsplit.transport.client import RemoteVerifier
@@ -341,22 +345,48 @@ def _client_run(address: str, tokenizer, rec: dict, k: int, max_new: int) -> dic
     prop = ReplayProposer(drafts, rec["prompt_ids"] + rec["output_ids"])
     verifier = RemoteVerifier([address], tokenizer)
     loop = DecodeLoop(verifier, [prop], FixedK(k), pipeline=False)
+    try:
+        return _timed(loop.stream(GenerationRequest(rec["prompt_ids"], max_new)), rec)
+    finally:
+        verifier.shutdown()
+
+
+def _cloud_client_run(address: str, tokenizer, rec: dict, max_new: int) -> dict:  # noqa: ANN001
+    """One cloud-only client: ``Generate`` without a server drafter, greedy (the server
+    generates every token, one target pass per token, through the same scheduler)."""
+    from specsplit.sampling import SamplingParams
+    from specsplit.transport.client import generate_cloud
+
+    chunks = generate_cloud(
+        address,
+        tokenizer.fingerprint(),
+        prompt_ids=rec["prompt_ids"],
+        max_new_tokens=max_new,
+        params=SamplingParams(),
+        seed=0,
+    )
+    return _timed(chunks, rec)
+
+
+def _timed(chunks, rec: dict) -> dict:  # noqa: ANN001 - an iterator of Chunk
+    """Drain a client's stream of chunks, timing each: end-to-end figures of one user."""
     t0 = time.perf_counter()
     stamps, counts, clock = [], [], []
     result = None
-    for chunk in loop.stream(GenerationRequest(rec["prompt_ids"], max_new)):
+    for chunk in chunks:
         clock.append(time.perf_counter())
         stamps.append(clock[-1] - t0)
         counts.append(len(chunk.token_ids) + (chunk.result is not None and not chunk.token_ids))
         result = chunk.result or result
-    verifier.shutdown()
     gaps = []  # per token: the wait for the chunk it came in, shared by the chunk's tokens
     for i in range(1, len(stamps)):
         gaps += [(stamps[i] - stamps[i - 1]) / max(1, counts[i])] * max(1, counts[i])
+    n = result.stats.new_tokens
     return {
-        "new_tokens": result.stats.new_tokens,
+        "new_tokens": n,
         "ttft_s": stamps[0] if stamps else None,
         "total_s": stamps[-1] if stamps else None,
+        "tokens_per_s": n / stamps[-1] if stamps and stamps[-1] > 0 else None,  # end to end
         "tbt_s": gaps,
         "chunks": list(zip(clock, counts)),  # (perf_counter time, tokens) of each chunk
         "target_passes": result.stats.target_passes,
@@ -364,40 +394,126 @@ def _client_run(address: str, tokenizer, rec: dict, k: int, max_new: int) -> dic
     }
 
 
-def cmd_throughput(ns: argparse.Namespace) -> dict:
+def tokenizer_of(ns: argparse.Namespace):  # noqa: ANN201
+    """The target's tokenizer: from its GGUF without the weights where it has one, else from
+    the model (a transformers folder or hub id)."""
+    from specsplit.backends.load import load_backend
     from specsplit.faces.api import load_tokenizer
+    from specsplit.registry import MODELS
 
+    if ns.target in MODELS or ns.target.endswith(".gguf"):
+        return load_tokenizer(ns.target)
+    target = load_backend(ns.target_backend, ns.target)
+    target.close()
+    return target.tokenizer
+
+
+def _server(ns: argparse.Namespace, max_batch: int, log: Path) -> tuple[subprocess.Popen, str, int]:
+    """A `specsplit serve` with this max batch: (process, gRPC address, HTTP port)."""
+    port, http_port = free_port(), free_port()
+    flags = ("--max-batch", str(max_batch), "--max-sessions", str(2 * ns.clients))
+    proc = start_server(serve_args(ns, *flags, "--http-port", str(http_port)), port, log)
+    return proc, f"127.0.0.1:{port}", http_port
+
+
+def cmd_throughput(ns: argparse.Namespace) -> dict:
+    """Server capacity: 1, 2, 4, 8 concurrent users on one server, split (edge clients
+    replaying recorded drafts; the server verifies) against cloud-only (the server generates,
+    ``Generate`` without a server drafter), interleaved at each count; then batching on
+    against the other ``--batch`` sizes with ``--clients`` split users."""
     recs = record_drafts(ns)
-    tokenizer = load_tokenizer(ns.target)
+    tokenizer = tokenizer_of(ns)
     out = Path(ns.out)
-    results = {}
-    for max_batch in (int(x) for x in ns.batch.split(",")):
-        port, http_port = free_port(), free_port()
-        server = start_server(
-            serve_args(
-                ns,
-                *("--max-batch", str(max_batch), "--max-sessions", str(2 * ns.clients)),
-                *("--http-port", str(http_port)),
-            ),
-            port,
-            out / f"server_batch{max_batch}.log",
-        )
+    batches = [int(x) for x in ns.batch.split(",")]
+    users = sorted({int(x) for x in ns.users.split(",")} | {ns.clients})
+    modes = {
+        "split": lambda a, h, n: replay_clients(a, h, tokenizer, recs[:n], ns.k, ns.max_new_tokens),
+        "cloud_only": lambda a, h, n: cloud_clients(a, h, tokenizer, recs[:n], ns.max_new_tokens),
+    }
+    rows, batching = [], {}
+    proc, address, http_port = _server(ns, batches[0], out / f"server_batch{batches[0]}.log")
+    try:
+        _client_run(address, tokenizer, recs[0], ns.k, 4)  # warm-up
+        _cloud_client_run(address, tokenizer, recs[0], 4)
+        for i, n in enumerate(users):
+            row: dict = {"users": n}
+            for mode in list(modes)[:: 1 if i % 2 == 0 else -1]:  # interleaved
+                row[mode] = modes[mode](address, http_port, n)
+                print(f"{n} users, {mode}: {_brief(row[mode])}", flush=True)
+            row.update(_ratios(row["split"], row["cloud_only"]))
+            rows.append(row)
+        batching[f"max_batch={batches[0]}"] = next(r for r in rows if r["users"] == ns.clients)[
+            "split"
+        ]
+    finally:
+        stop_server(proc)
+    for max_batch in batches[1:]:
+        proc, address, http_port = _server(ns, max_batch, out / f"server_batch{max_batch}.log")
         try:
-            address = f"127.0.0.1:{port}"
             _client_run(address, tokenizer, recs[0], ns.k, 4)  # warm-up
-            row = replay_clients(address, http_port, tokenizer, recs, ns.k, ns.max_new_tokens)
+            batching[f"max_batch={max_batch}"] = modes["split"](address, http_port, ns.clients)
         finally:
-            stop_server(server)
-        results[f"max_batch={max_batch}"] = {"clients": len(recs), **row}
-        print(f"max_batch={max_batch}: " + json.dumps(row), flush=True)
-    keys = list(results)
-    if len(keys) == 2:
-        a, b = results[keys[0]], results[keys[1]]
-        results["throughput_ratio"] = a["server_tokens_per_s"] / b["server_tokens_per_s"]
-        results["decode_phase_ratio"] = (
-            a["decode_phase_tokens_per_s"] / b["decode_phase_tokens_per_s"]
+            stop_server(proc)
+        print(f"max_batch={max_batch}: {_brief(batching[f'max_batch={max_batch}'])}", flush=True)
+    return {"config": _config(ns), "results": _capacity_results(rows, batching, batches, ns)}
+
+
+def _ratios(split: dict, cloud: dict) -> dict:
+    return {
+        "split_over_cloud_only": split["server_tokens_per_s"] / cloud["server_tokens_per_s"],
+        "per_user_split_over_cloud_only": (
+            split["median_user_tokens_per_s"] / cloud["median_user_tokens_per_s"]
+        ),
+    }
+
+
+def _capacity_results(rows: list[dict], batching: dict, batches: list[int], ns) -> dict:  # noqa: ANN001
+    out: dict = {
+        "users": rows,
+        "split_over_cloud_only": {str(r["users"]): r["split_over_cloud_only"] for r in rows},
+        "per_user_split_over_cloud_only": {
+            str(r["users"]): r["per_user_split_over_cloud_only"] for r in rows
+        },
+        "batching": {"clients": ns.clients, **batching},
+    }
+    on = batching[f"max_batch={batches[0]}"]
+    for b in batches[1:]:
+        off = batching[f"max_batch={b}"]
+        out["batching"][f"ratio_vs_max_batch={b}"] = (
+            on["server_tokens_per_s"] / off["server_tokens_per_s"]
         )
-    return {"config": _config(ns), "results": results}
+        out["batching"][f"decode_phase_ratio_vs_max_batch={b}"] = (
+            on["decode_phase_tokens_per_s"] / off["decode_phase_tokens_per_s"]
+        )
+    return out
+
+
+def _brief(row: dict) -> str:
+    return (
+        f"{row['server_tokens_per_s']:.2f} tok/s total, {row['median_user_tokens_per_s']:.2f} "
+        f"per user, mean batch {row['mean_batch_size']:.2f}, "
+        f"text as recorded {sum(row['greedy_equal'])}/{len(row['greedy_equal'])}"
+    )
+
+
+def print_capacity(results: dict) -> None:
+    """The capacity table and its ratios."""
+    print("users | split tok/s (per user) | cloud-only tok/s (per user) | split / cloud-only")
+    for r in results["users"]:
+        s, c = r["split"], r["cloud_only"]
+        print(
+            f"{r['users']:>5} | {s['server_tokens_per_s']:.2f} ({s['median_user_tokens_per_s']:.2f})"
+            f" | {c['server_tokens_per_s']:.2f} ({c['median_user_tokens_per_s']:.2f})"
+            f" | {r['split_over_cloud_only']:.2f}x (per user {r['per_user_split_over_cloud_only']:.2f}x)"
+        )
+    b = results["batching"]
+    for key, v in b.items():
+        if key.startswith("ratio_vs_"):
+            phase = b["decode_phase_" + key]
+            print(
+                f"batching at {b['clients']} clients, {key[len('ratio_vs_') :]} -> "
+                f"{v:.2f}x end to end ({phase:.2f}x decode phase)"
+            )
 
 
 def replay_clients(
@@ -412,12 +528,29 @@ def replay_clients(
     """One replaying client per recorded prompt, all at once, against a running server;
     server throughput, batching and latency figures. ``counters``: the server's pass and
     round totals (default: its Prometheus page on http_port)."""
+    return concurrent_clients(
+        lambda rec: _client_run(address, tokenizer, rec, k, max_new), recs, http_port, counters
+    )
+
+
+def cloud_clients(
+    address: str, http_port: int | None, tokenizer, recs: list[dict], max_new: int, counters=None
+) -> dict:  # noqa: ANN001
+    """One cloud-only client per recorded prompt, all at once (see ``replay_clients``)."""
+    return concurrent_clients(
+        lambda rec: _cloud_client_run(address, tokenizer, rec, max_new), recs, http_port, counters
+    )
+
+
+def concurrent_clients(run_one, recs: list[dict], http_port: int | None, counters=None) -> dict:  # noqa: ANN001
+    """``run_one(rec)`` for every record on its own thread, all at once; total and per-user
+    tokens/s (end to end: from the start to each user's last token), batching and latency."""
     counters = counters or (lambda: _scrape(http_port))
     before = counters()
     per: list[dict | None] = [None] * len(recs)
 
     def run(i: int) -> None:
-        per[i] = _client_run(address, tokenizer, recs[i], k, max_new)
+        per[i] = run_one(recs[i])
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(recs))]
@@ -427,6 +560,8 @@ def replay_clients(
         t.join()
     wall = time.perf_counter() - t0
     after = counters()
+    if any(p is None for p in per):
+        raise RuntimeError("a client failed: see the error above")
     tokens = sum(p["new_tokens"] for p in per)
     # decode phase: from the moment every client has its first token to the last token
     t_all = max(p["chunks"][0][0] for p in per)
@@ -434,12 +569,17 @@ def replay_clients(
     decode_tokens = sum(n for p in per for t, n in p["chunks"] if t > t_all)
     passes = after["passes_total"] - before["passes_total"]
     tbt = [g for p in per for g in p["tbt_s"]]
+    user_tps = [p["tokens_per_s"] for p in per]
     return {
         "wall_s": wall,
         "server_tokens_per_s": tokens / wall,
+        "median_user_tokens_per_s": statistics.median(user_tps),
+        "user_tokens_per_s": user_tps,
         "decode_phase_tokens_per_s": decode_tokens / max(1e-9, t_end - t_all),
         "tokens": tokens,
         "batched_passes": passes,
+        "prefill_passes": after.get("prefill_passes_total", 0)
+        - before.get("prefill_passes_total", 0),
         "target_passes_per_token": passes / tokens,
         "mean_batch_size": (after["rounds_total"] - before["rounds_total"]) / max(1, passes),
         "median_ttft_s": statistics.median(p["ttft_s"] for p in per),
@@ -530,9 +670,17 @@ def main(argv: list[str] | None = None) -> int:
         "--compare-ahead", action="store_true", help="also the edge without drafting ahead"
     )
     sub.choices["rtt"].add_argument("--no-cloud", action="store_true", help="skip cloud-only")
-    sub.choices["throughput"].add_argument("--clients", type=int, default=8)
     sub.choices["throughput"].add_argument(
-        "--batch", default="8,1", help="max batch sizes to compare"
+        "--users", default="1,2,4,8", help="concurrent users, split and cloud-only, at each"
+    )
+    sub.choices["throughput"].add_argument(
+        "--clients",
+        type=int,
+        default=None,
+        help="split users of the batching comparison (the most --users)",
+    )
+    sub.choices["throughput"].add_argument(
+        "--batch", default="8,1", help="max batch sizes: the server of --users, then those compared"
     )
     sub.choices["throughput"].add_argument("--k", type=int, default=4)
     sub.choices["memory"].add_argument("--sessions", type=int, default=100)
@@ -540,13 +688,17 @@ def main(argv: list[str] | None = None) -> int:
     sub.choices["memory"].add_argument("--prompt-tokens", type=int, default=48)
     ns = ap.parse_args(argv)
     if ns.cmd == "throughput":
+        ns.clients = ns.clients or max(int(x) for x in ns.users.split(","))
         ns.limit = max(ns.limit, ns.clients)
     os.makedirs(ns.out, exist_ok=True)
     doc = {"rtt": cmd_rtt, "throughput": cmd_throughput, "memory": cmd_memory}[ns.cmd](ns)
     doc["created"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     path = Path(ns.out) / "results.json"
     path.write_text(json.dumps(doc, indent=1))
-    print(json.dumps(doc.get("summary") or doc.get("results") or doc, indent=1))
+    if ns.cmd == "throughput":
+        print_capacity(doc["results"])
+    else:
+        print(json.dumps(doc.get("summary") or doc.get("results") or doc, indent=1))
     print(f"wrote {path}")
     return 0
 

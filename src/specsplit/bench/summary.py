@@ -121,6 +121,9 @@ def physical_limit(records: list[dict], system: str, baseline: str) -> dict | No
       about the same for any K; compute-bound ones do not, so this is an upper bound);
     - with free drafting: draft cost 0, the longest K measured.
     K = 0 (the target alone, 1.0x) is always a choice of the last two.
+    For a tree system (tree[...]) K is the tree's depth and a_j the acceptance at depth j of
+    the trees it drafted, so "best fixed K" is the best fixed depth at the widths it chose
+    (draft seconds per level as measured), not a search over widths.
     The measured figure beside them is the pooled tokens/s after the prompt's prefill."""
     rows = [r["results"][system] for r in records if system in r["results"]]
     base = [r["results"][baseline] for r in records if baseline in r["results"]]

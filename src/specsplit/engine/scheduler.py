@@ -4,15 +4,16 @@ One thread owns the target backend. Sessions (``VerifySession``) submit rounds; 
 of the loop takes the oldest round of every session that has one (up to ``max_batch``, those
 that waited longest first),
 runs a single ``forward_batch`` over all of them (sessions of different lengths and
-different K in the same pass), decides each verdict and answers each future. Between
-batches it prefills at most one chunk of one new prompt, so a long prompt does not stall
-the sessions already decoding. KV memory has a budget in bytes: idle sessions are evicted
+different K in the same pass), decides each verdict and answers each future. After that pass
+it prefills the new prompts together, in one batched pass of at most ``max_batch`` of them
+(``prefill``: a chunk of each, or one chunk shared among them while others decode), so
+sessions opening at once start decoding at once and a long prompt does not stall the
+sessions already decoding. KV memory has a budget in bytes: idle sessions are evicted
 first (their ids are kept; the cache is rebuilt by prefill if they come back).
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import secrets
 import threading
@@ -22,9 +23,12 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 
+import numpy as np
+
 from specsplit.backends.base import Backend
+from specsplit.engine.prefill import prefill_budget, prefill_shares
 from specsplit.engine.rounds import Round
-from specsplit.engine.verifier import Outcome, Verifier, VerifySession
+from specsplit.engine.verifier import Outcome, Verifier, VerifySession, tree_paths
 from specsplit.errors import ConfigError, Overloaded, ServerFull, SessionGone, SpecsplitError
 from specsplit.proposers.base import Draft
 from specsplit.sampling import SamplingParams
@@ -49,6 +53,7 @@ class Served:
     state: VerifySession
     ready: Future[int | None]  # set once the prompt is prefilled (to the first token, if asked)
     jobs: deque[_Job] = field(default_factory=deque)
+    t_prefill: float = field(default_factory=time.perf_counter)  # opened, or last prefilled
     closed: bool = False
     end_reason: str = ""
 
@@ -64,6 +69,8 @@ class SchedulerStats:
     accepted: int = 0
     emitted: int = 0  # tokens committed by rounds (accepted + correction/bonus)
     prefill_tokens: int = 0
+    prefill_passes: int = 0  # batched prefill passes
+    prefill_sizes: dict[int, int] = field(default_factory=dict)  # sessions -> prefill passes
     evictions: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)  # size -> passes
     t_verify: float = 0.0
@@ -110,7 +117,6 @@ class BatchScheduler:
         self._cv = threading.Condition()
         self._running = False
         self._thread: threading.Thread | None = None
-        self._rr = itertools.count()
         self._last_sweep = 0.0
 
     # ---- life cycle ----
@@ -270,8 +276,17 @@ class BatchScheduler:
             for s in live
             if not s.closed and (not s.ready.done() or (s.jobs and s.state.missing()))
         ]
-        if todo:  # one prefill chunk per turn, round robin
-            self._prefill(todo[next(self._rr) % len(todo)])
+        if todo:
+            self._prefill(todo, self._decoding(live))
+
+    @staticmethod
+    def _decoding(live: Sequence[Served]) -> bool:
+        """Some prefilled session has a round waiting or had one in the last second."""
+        now = time.monotonic()
+        return any(
+            s.ready.done() and not s.state.missing() and (s.jobs or now - s.state.last_used < 1.0)
+            for s in live
+        )
 
     def _ensure_room(
         self, keep: Sequence[Served], extra_tokens: int, waiting: bool = False
@@ -296,18 +311,63 @@ class BatchScheduler:
             log.info("evicted the KV cache of %s session %s", what, victim.id)
         return need <= self.kv_budget
 
-    def _prefill(self, s: Served) -> None:
-        n = min(self.prefill_chunk, s.state.missing())
-        if not self._ensure_room([s], n):
-            if s.state.cached == 0 and not self._others_hold_kv(s):
-                self._fail(s, Overloaded("the prompt does not fit the server's KV budget"))
-            return  # wait for other sessions to finish
-        try:
-            s.state.prefill_step(self.target, self.prefill_chunk)
-        except SpecsplitError as e:
-            self._fail(s, e)
+    def _prefill(self, todo: list[Served], others_decoding: bool) -> None:
+        """One batched prefill pass over the sessions that waited longest (see ``prefill``)."""
+        todo = sorted(todo, key=lambda s: s.t_prefill)
+        take = todo[: min(self.max_batch, self.prefill_chunk)]
+        budget = prefill_budget(len(take), self.prefill_chunk, others_decoding)
+        missing = [s.state.missing() for s in take]
+        shares = prefill_shares(missing, budget, self.prefill_chunk, self.target.pads_batch)
+        while not self._ensure_room(take, sum(shares)):
+            if len(take) == 1:  # not even one chunk fits
+                s = take[0]
+                if s.state.cached == 0 and not self._others_hold_kv(s):
+                    self._fail(s, Overloaded("the prompt does not fit the server's KV budget"))
+                return  # wait for other sessions to finish
+            take.pop()
+            shares.pop()
+        parts = [s.state.prefill_part(self.target, n) for s, n in zip(take, shares, strict=True)]
+        items = [(s, p) for s, p in zip(take, parts, strict=True) if p]
+        for s, p in zip(take, parts, strict=True):
+            if not p:  # nothing to bring in (a one-token prompt): ready as it is
+                self._prefilled(s, 0, None)
+        if not items:
             return
+        try:
+            logits = self.target.prefill_batch([(s.state.seq, p) for s, p in items])  # [V] each
+        except SpecsplitError as e:
+            if len(items) == 1:
+                self._fail(items[0][0], e)
+                return
+            log.warning("batched prefill failed (%s): one prompt at a time", e)
+            self._prefill_alone(items)
+            return
+        self.stats.prefill_passes += 1
+        sizes = self.stats.prefill_sizes
+        sizes[len(items)] = sizes.get(len(items), 0) + 1
+        for (s, p), lg in zip(items, logits, strict=True):
+            self._prefilled(s, len(p), lg)
+
+    def _prefill_alone(self, items: list[tuple[Served, list[int]]]) -> None:
+        """Each part in its own pass; a session whose part fails alone ends."""
+        for s, p in items:
+            assert s.state.seq is not None
+            try:
+                lg = self.target.prefill(s.state.seq, p)  # [V]
+            except SpecsplitError as e:
+                self._fail(s, e)
+                continue
+            self.stats.prefill_passes += 1
+            self.stats.prefill_sizes[1] = self.stats.prefill_sizes.get(1, 0) + 1
+            self._prefilled(s, len(p), lg)
+
+    def _prefilled(self, s: Served, n: int, logits: np.ndarray | None) -> None:
+        """n tokens of s are in the cache (logits [V] after the last); ready once all are."""
+        if n:
+            assert logits is not None
+            s.state.prefilled(n, logits)
         self.stats.prefill_tokens += n
+        s.t_prefill = time.perf_counter()
         if not s.state.missing():
             s.state.last_used = time.monotonic()  # rebuilt: not the next to evict
             if not s.ready.done():
@@ -345,6 +405,29 @@ class BatchScheduler:
                 s.jobs.appendleft(job)
         return planned
 
+    def _fit_paths(
+        self, planned: list[tuple[Served, _Job, Round]]
+    ) -> list[tuple[Served, _Job, Round]]:
+        """The planned rounds whose trees fit together in one pass of a target that holds a
+        bounded number of root-to-leaf paths at once (llama.cpp: 32); the others go back to
+        the head of their queues (the first round always goes: a client keeps within it)."""
+        budget = getattr(self.target, "max_tree_paths", None)
+        if budget is None:
+            return planned
+        keep, back, used = [], [], 0
+        for item in planned:
+            parents = item[2].parents
+            paths = 0 if parents is None else len(parents) - len(set(parents) - {-1})
+            if keep and used + paths > budget:
+                back.append(item)
+                continue
+            keep.append(item)
+            used += paths
+        with self._cv:
+            for s, job, _ in reversed(back):
+                s.jobs.appendleft(job)
+        return keep
+
     def _verify(self, batch: list[Served]) -> None:
         t_start = time.perf_counter()
         planned: list[tuple[Served, _Job, Round]] = []
@@ -370,7 +453,7 @@ class BatchScheduler:
                 job.future.set_result(s.state.dropped())
                 continue
             planned.append((s, job, rnd))
-        planned = self._fit(planned)
+        planned = self._fit(self._fit_paths(planned))
         if not planned:
             return
         t0 = time.perf_counter()
@@ -423,6 +506,7 @@ class ScheduledVerifier(Verifier):
         self.tokenizer, self.vocab_size, self.n_ctx = t.tokenizer, t.vocab_size, t.n_ctx
         self.cost_shape = scheduler.cost_shape
         self.max_draft = scheduler.max_draft
+        self.tree_paths = tree_paths(scheduler.target)
         self.served: Served | None = None
 
     def open(

@@ -26,9 +26,11 @@ from specsplit.engine.draft_length import AdaptiveK, DraftLengthPolicy, FixedK
 from specsplit.engine.metrics import GenerationStats
 from specsplit.engine.rounds import fit_round
 from specsplit.engine.stopping import TextStream
+from specsplit.engine.tree_policy import AdaptiveTree, TreePolicy
 from specsplit.engine.verifier import LocalVerifier, Outcome, Verifier
 from specsplit.errors import ConfigError, Interrupted, SessionGone, VerifierUnavailable
 from specsplit.proposers.base import Draft, Proposer
+from specsplit.proposers.draft_tree import TreeShape
 from specsplit.randomness import Uniform, drafter_uniform
 from specsplit.sampling import GREEDY, SamplingParams
 
@@ -97,6 +99,8 @@ class _InFlight:
     drafts: list[Draft]
     t_sent: float
     pipelined: bool = False
+    shape: TreeShape | None = None  # a one-drafter tree round: its shape
+    t_draft: float = 0.0  # seconds drafting the tree took
 
 
 class _Run:
@@ -149,9 +153,10 @@ class DecodeLoop:
         self,
         verifier: Verifier,
         proposers: Sequence[Proposer] = (),
-        policy: DraftLengthPolicy | None = None,
+        policy: DraftLengthPolicy | TreePolicy | None = None,
         pipeline: bool | None = None,
     ) -> None:
+        """A ``TreePolicy`` makes the (single) drafter propose one tree per round."""
         self.verifier = verifier
         self.proposers = list(proposers)
         self.policy = policy or default_policy(self.proposers, None, 16)
@@ -163,9 +168,15 @@ class DecodeLoop:
         # after the target's first token is out (False)
         self.prefill_beside = True
         # drafting ahead needs one chain (a tree's bonus has no single guess)
-        self.pipeline = (verifier.pipelines if pipeline is None else pipeline) and len(
-            self.proposers
-        ) == 1
+        self.pipeline = (
+            (verifier.pipelines if pipeline is None else pipeline)
+            and len(self.proposers) == 1
+            and not isinstance(self.policy, TreePolicy)
+        )
+        if isinstance(self.policy, TreePolicy) and (
+            len(self.proposers) != 1 or not self.proposers[0].drafts_trees
+        ):
+            raise ConfigError("a draft tree needs exactly one drafter that drafts trees")
 
     def _draft(
         self,
@@ -241,6 +252,8 @@ class DecodeLoop:
         cap = min(room - 1, self.verifier.max_draft)  # draft tokens one round may hold
         if ahead is not None:
             cur = ahead
+        elif isinstance(self.policy, TreePolicy):
+            return self._send_tree(context, version, budget, cap, params, draws[0], stats), None
         else:
             k = self.policy.choose(min(budget - 1, cap))
             drafts = fit_round(self._draft(context, k, params, draws, stats), cap)
@@ -257,6 +270,36 @@ class DecodeLoop:
             return cur, None
         fut2 = self.verifier.submit(d2, version + 1, pipelined=True)
         return cur, _InFlight(fut2, d2, time.perf_counter(), pipelined=True)
+
+    def _send_tree(
+        self,
+        context: list[int],
+        version: int,
+        budget: int,
+        cap: int,
+        params: SamplingParams,
+        u: Uniform,
+        stats: GenerationStats,
+    ) -> _InFlight:
+        """Draft and send one tree round: depth within the token budget, draws within the
+        verifier's limit and the context room, paths within the verifier's tree limit."""
+        assert isinstance(self.policy, TreePolicy)
+        paths = self.verifier.tree_paths
+        if paths < 1:
+            raise ConfigError("the verifier has no tree attention (a draft tree needs it)")
+        shape = self.policy.choose(min(budget - 1, cap), cap, paths)
+        t0 = time.perf_counter()
+        if shape.depth and shape.width == 1:  # a chain: the chain drafter's passes
+            drafts = [self.proposers[0].propose(context, shape.depth, params, u)]
+        elif shape.depth:
+            drafts = [self.proposers[0].propose_tree(context, shape, params, u)]
+        else:
+            drafts = []
+        dt = time.perf_counter() - t0
+        stats.t_draft += dt
+        drafts = fit_round(drafts, cap)
+        fut = self.verifier.submit(drafts, version)
+        return _InFlight(fut, drafts, time.perf_counter(), shape=shape, t_draft=dt)
 
     def _resume(
         self,
@@ -309,7 +352,7 @@ class DecodeLoop:
             first = self._open(run.context, req.params, seed, first=not req.resume_ids)
             run.n_ctx = self.verifier.n_ctx
             stats.t_prefill = time.perf_counter() - t_arrival
-            if isinstance(self.policy, AdaptiveK) and not self.policy.verify.shape:
+            if isinstance(self.policy, AdaptiveK | AdaptiveTree) and not self.policy.verify.shape:
                 self.policy.verify.shape.update(self.verifier.cost_shape)
             if first is not None:  # the prefill's token: a round without drafts
                 version = 1
@@ -347,16 +390,20 @@ class DecodeLoop:
                     t_net = max(0.0, wall - outcome.t_verify - outcome.t_queue)
                     stats.t_network += t_net
                     t_round = t_net + outcome.load  # the next round: this network, the queue now
-                elif isinstance(self.policy, AdaptiveK):
+                elif isinstance(self.policy, AdaptiveK | AdaptiveTree):
                     t_round = self.policy.round_overhead
-                self.policy.update(
-                    k_used,
-                    outcome.n_accepted,
-                    outcome.t_verify,
-                    1 + sum(len(d.tokens) for d in cur.drafts) - int(cur.pipelined),
-                    per_token,
-                    t_round,
-                )
+                if cur.shape is not None:
+                    k_used = _depth(cur.drafts)
+                    self._update_tree(cur, outcome, per_token, t_round)
+                else:
+                    self.policy.update(
+                        k_used,
+                        outcome.n_accepted,
+                        outcome.t_verify,
+                        1 + sum(len(d.tokens) for d in cur.drafts) - int(cur.pipelined),
+                        per_token,
+                        t_round,
+                    )
                 if ahead is not None and not (
                     outcome.n_accepted == k_used and outcome.next_token == ahead.drafts[0].tokens[0]
                 ):
@@ -396,6 +443,16 @@ class DecodeLoop:
             done.result()
         return token
 
+    def _update_tree(
+        self, cur: _InFlight, outcome: Outcome, per_token: float, t_round: float
+    ) -> None:
+        """The tree policy learns from a tree round (n: the target pass's tokens)."""
+        assert isinstance(self.policy, TreePolicy) and cur.shape is not None
+        if isinstance(self.policy, AdaptiveTree) and per_token > 0:
+            self.policy.draft_per_token = per_token
+        n = 1 + sum(len(d.tokens) for d in cur.drafts)  # (repeated draws merge: at most)
+        self.policy.update(cur.shape, outcome.n_accepted, outcome.t_verify, n, cur.t_draft, t_round)
+
     def _origins(self, cur: _InFlight, outcome: Outcome, n_accepted: int) -> list[str]:
         """How each token of a round came (see ``Chunk``): the accepted ones, then the last."""
         sent = [(p.name, d) for p, d in zip(self.proposers, cur.drafts, strict=False) if d.tokens]
@@ -405,6 +462,8 @@ class DecodeLoop:
             return [*["accepted:joined"] * n_accepted, "target"]
         name, draft = sent[outcome.chain]
         followed = len(draft.tokens) - int(cur.pipelined)
+        if draft.parents is not None:  # a tree: bonus where the accepted path reached a leaf
+            followed = n_accepted + int(_has_more(draft, list(outcome.accepted or ())))
         return [f"accepted:{name}"] * n_accepted + [
             "bonus" if n_accepted >= followed else "correction"
         ]
@@ -464,6 +523,32 @@ class DecodeLoop:
         return new, None
 
 
+def _has_more(draft: Draft, accepted: list[int]) -> bool:
+    """Whether a tree has draws below the end of the accepted path (so its last token was a
+    correction, not a bonus)."""
+    assert draft.parents is not None
+    at = -1  # the draw the path has reached (-1: the root)
+    for x in accepted:
+        at = next(
+            i for i, (t, p) in enumerate(zip(draft.tokens, draft.parents)) if p == at and t == x
+        )
+    return any(p == at for p in draft.parents)
+
+
+def _depth(drafts: Sequence[Draft]) -> int:
+    """The longest path of a round's drafts (a tree's depth, a chain's length)."""
+    best = 0
+    for d in drafts:
+        if d.parents is None:
+            best = max(best, len(d.tokens))
+            continue
+        depth: list[int] = []
+        for p in d.parents:
+            depth.append(1 + (depth[p] if p >= 0 else 0))
+        best = max(best, max(depth, default=0))
+    return best
+
+
 class SpeculativeEngine:
     """Speculative decoding of one request at a time on a target backend in this process."""
 
@@ -473,26 +558,26 @@ class SpeculativeEngine:
         proposers: Sequence[Proposer] = (),
         k: int | None = None,
         k_max: int = 16,
-        policy: DraftLengthPolicy | None = None,
+        policy: DraftLengthPolicy | TreePolicy | None = None,
     ) -> None:
-        if len(proposers) > 1 and not target.supports_tree:
+        if (len(proposers) > 1 or isinstance(policy, TreePolicy)) and not target.supports_tree:
             raise ConfigError(f"several drafters need tree verification; {target.name} has none")
         if k is not None and not 0 <= k <= 64:
             raise ConfigError(f"k must be in [0, 64] or auto, got {k}")
         self.target = target
         self.proposers = list(proposers)
-        self.policy: DraftLengthPolicy = policy or default_policy(self.proposers, k, k_max)
+        self.policy = policy or default_policy(self.proposers, k, k_max)
         self.loop = DecodeLoop(LocalVerifier(target), self.proposers, self.policy)
 
     def warm_up(self, prompt_ids: Sequence[int] = ()) -> None:
         """Run each model once and measure target pass costs for the K policy (untimed)."""
         ids = list(prompt_ids) or [self.target.tokenizer.bos_token_id or 0] * 32
         shape = calibrate(self.target, ids)
-        if isinstance(self.policy, AdaptiveK):
+        if isinstance(self.policy, AdaptiveK | AdaptiveTree):
             self.policy.verify.shape.update(shape)
         for p in self.proposers:
             p.warm_up(ids)
-        if isinstance(self.policy, AdaptiveK):
+        if isinstance(self.policy, AdaptiveK | AdaptiveTree):
             self.policy.draft_per_token = sum(p.cost_per_token for p in self.proposers)
 
     def stream(self, req: GenerationRequest) -> Iterator[Chunk]:

@@ -103,13 +103,22 @@ class VerifySession:
         the first new token, its last chunk takes the whole prompt and decides that token from
         the target's logits after it, as a round without drafts would (the same keyed draw),
         so the first token does not wait for a round."""
+        part = self.prefill_part(target, chunk)
+        if part:
+            assert self.seq is not None
+            self.prefilled(len(part), target.prefill(self.seq, part))
+
+    def prefill_part(self, target: Backend, chunk: int) -> list[int]:
+        """The next up to ``chunk`` committed tokens the KV cache lacks (a sequence is opened
+        if none is held); once the target has them, call ``prefilled``."""
         if self.seq is None:
             self.seq, self.cached = target.new_sequence(), 0
-        part = self.tokens[self.cached : self.cached + min(chunk, self.missing())]
-        if not part:
-            return
-        logits = target.prefill(self.seq, part)  # [V] after the last token of part
-        self.cached += len(part)
+        return self.tokens[self.cached : self.cached + min(chunk, self.missing())]
+
+    def prefilled(self, n: int, logits: np.ndarray) -> None:
+        """n more tokens are in the KV cache; logits [V] after the last of them decide the first
+        new token where the prefill owes it (see ``prefill_step``)."""
+        self.cached += n
         if self.wants_first and self.cached == len(self.tokens):
             rnd = plan_round(self.pending, [], self.vocab)
             verdict, _ = decide(rnd, logits[None], self.params, self.uniform, len(self.tokens))
@@ -136,6 +145,8 @@ class VerifySession:
             if len(live) != 1:
                 raise ConfigError("a pipelined round carries exactly one non-empty draft")
             d = live[0]
+            if d.parents is not None:
+                raise ConfigError("a tree cannot be drafted ahead (its bonus has no one guess)")
             if not (self.last_full and d.tokens[0] == self.pending):
                 return None
             drafts = [Draft(d.tokens[1:], None if d.q is None else d.q[1:])]
@@ -169,6 +180,13 @@ class VerifySession:
         return Outcome(self.version, True, 0, -1)
 
 
+def tree_paths(target: Backend) -> int:
+    """Root-to-leaf paths a tree round may have on this target (0: no tree attention)."""
+    if not target.supports_tree:
+        return 0
+    return int(getattr(target, "max_tree_paths", 1 << 16))
+
+
 class Verifier(ABC):
     """Verifies the rounds of one session (see the module docstring)."""
 
@@ -178,6 +196,7 @@ class Verifier(ABC):
     pipelines: bool = False  # worth drafting ahead while a round is in flight (a network)
     remote: bool = False  # time outside t_verify and t_queue is network time
     max_draft: int = 1 << 30  # draft tokens one round may carry (the server's limit)
+    tree_paths: int = 0  # root-to-leaf paths a one-drafter tree may have (0: no trees)
     cost_shape: dict[int, float]  # seconds of a target pass over n tokens (for choosing K)
 
     @abstractmethod
@@ -211,6 +230,7 @@ class LocalVerifier(Verifier):
         self.tokenizer = target.tokenizer
         self.vocab_size = target.vocab_size
         self.n_ctx = target.n_ctx
+        self.tree_paths = tree_paths(target)
         self.cost_shape = {}
         self.session: VerifySession | None = None
 

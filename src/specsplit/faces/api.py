@@ -13,6 +13,7 @@ from specsplit.engine.speculative import (
     GenerationResult,
     SpeculativeEngine,
 )
+from specsplit.engine.tree_policy import tree_policy
 from specsplit.errors import ModelError
 from specsplit.proposers.base import Proposer
 from specsplit.proposers.draft_model import DraftModelProposer
@@ -69,7 +70,9 @@ class SpeculativeDecoder:
         n_ctx: int | None = 4096,
         chat: bool = True,
         warm_up: bool = True,
+        tree: str = "off",
     ) -> None:
+        """``tree``: one drafter's token tree per round: off, auto or WIDTHxDEPTH."""
         self.target = (
             target
             if isinstance(target, Backend)
@@ -82,7 +85,12 @@ class SpeculativeDecoder:
             make_proposer(d, self.target, draft_backend, draft_device, draft_threads)
             for d in drafts
         ]
-        self.engine = SpeculativeEngine(self.target, [p for p in proposers if p is not None], k=k)
+        self.engine = SpeculativeEngine(
+            self.target,
+            [p for p in proposers if p is not None],
+            k=k,
+            policy=tree_policy(tree, 16),
+        )
         self.chat = chat
         if warm_up:
             self.engine.warm_up()
@@ -160,6 +168,7 @@ class EdgeDecoder(SpeculativeDecoder):
         tls_ca_file: str | None = None,
         top_m: int = 64,
         warm_up: bool = True,
+        tree: str = "off",
     ) -> None:
         from specsplit.engine.speculative import DecodeLoop, default_policy
         from specsplit.transport.client import RemoteVerifier
@@ -188,7 +197,7 @@ class EdgeDecoder(SpeculativeDecoder):
             proposer = draft if isinstance(draft, Proposer) else None
         tokenizer = self.verifier.tokenizer
         self.proposers = [proposer] if proposer is not None else []
-        self.policy = default_policy(self.proposers, k, 16)
+        self.policy = tree_policy(tree, 16) or default_policy(self.proposers, k, 16)
         self.engine = DecodeLoop(self.verifier, self.proposers, self.policy)  # type: ignore[assignment]
         self.target = _TokenizerOnly(tokenizer)  # type: ignore[assignment]
         self.chat = chat

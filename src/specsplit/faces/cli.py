@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from specsplit.engine.tree_policy import tree_policy
 from specsplit.errors import ConfigError, Interrupted, SpecsplitError
 from specsplit.faces.settings import GenerateSettings, add_arguments, from_namespace, parse_k
 from specsplit.sampling import SamplingParams
@@ -34,6 +35,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 
     s: GenerateSettings = from_namespace(ns)
     k = parse_k(s.k)
+    tree_policy(s.draft_tree)  # (checks the flag before any model loads)
     SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
@@ -53,6 +55,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         k=k,
         n_ctx=s.n_ctx,
         chat=not s.no_chat,
+        tree=s.draft_tree,
     )
     _print_stream(decoder.engine.stream(_request(decoder, ns, s)), s.json)
     return 0
@@ -123,6 +126,7 @@ def _generate_remote(ns: argparse.Namespace, s: GenerateSettings, k: int | None)
         k=k,
         n_ctx=s.n_ctx,
         chat=not s.no_chat,
+        tree=s.draft_tree,
         auth_token=token,
         tls_ca_file=s.tls_ca,
     )

@@ -52,6 +52,11 @@ class GenerateSettings:
     k: str = _f(
         "auto", "draft length per round: a number 0..64, or auto (chosen from measured costs)"
     )
+    draft_tree: str = _f(
+        "off",
+        "one drafter's token tree per round: off (a chain of --k tokens), auto (width and "
+        "depth from measured costs) or WIDTHxDEPTH (draws per level x levels, fixed: replays)",
+    )
     stop: list[str] = _f(None, "stop string (repeatable); the text ends before it", action="append")
     n_ctx: int = _f(4096, "context length for the target and drafters", type=int)
     no_chat: bool = _f(

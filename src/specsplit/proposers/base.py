@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from specsplit.errors import ConfigError
+from specsplit.proposers.draft_tree import TreeShape
 from specsplit.randomness import Uniform
 from specsplit.sampling import SamplingParams
 
@@ -18,6 +20,9 @@ class Draft:
 
     tokens: list[int]  # [k] proposed ids, k <= the k asked for
     q: np.ndarray | None = None  # [k, V] what each token was sampled from; None = one-hot
+    # a tree from one drafter (``draw_tree``): parent of each token among these (-1: the
+    # committed text), tokens in level order; None: a chain
+    parents: list[int] | None = None  # [k]
 
 
 class Proposer(ABC):
@@ -30,6 +35,15 @@ class Proposer(ABC):
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, u: Uniform) -> Draft:
         """Up to k tokens that may follow context [n]; sampled drafts fill Draft.q. The token
         for position n + i is sampled with the uniform u(n + i) (``randomness``)."""
+
+    drafts_trees: bool = False  # propose_tree() implemented
+
+    def propose_tree(
+        self, context: Sequence[int], shape: TreeShape, params: SamplingParams, u: Uniform
+    ) -> Draft:
+        """A tree of at most ``shape`` after context [n] (Draft.parents set); the draw at
+        position n + d with index j in its level uses u(n + d, j)."""
+        raise ConfigError(f"the {self.name} drafter does not draft token trees")
 
     prepares: bool = False  # prepare() does work worth running beside the target's prefill
 

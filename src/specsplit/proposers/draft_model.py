@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 
 from specsplit.backends.base import Backend
 from specsplit.proposers.base import Draft, Proposer
+from specsplit.proposers.draft_tree import TreeShape, draft_tree
 from specsplit.randomness import Sequential, Uniform
 from specsplit.sampling import (
     SamplingParams,
@@ -36,6 +38,7 @@ class DraftModelProposer(Proposer):
         self.quantize = quantize  # sample from q quantized to counts / 2**16 (sent on the wire)
         self._seq = backend.new_sequence()
         self._fed: list[int] = []  # tokens in the drafter's KV cache, in order
+        self.tree_seconds = 0.0  # the last tree's drafting time after the catch-up pass
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Bring the cache to context [n]; return logits [V] for the next token."""
@@ -53,6 +56,13 @@ class DraftModelProposer(Proposer):
         self._fed.extend(new)
         return logits
 
+    def _q(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+        """The exact distribution [V] a sampled token comes from after logits [V]."""
+        probs = logits_to_probs(logits, params)  # [V]
+        if self.quantize:
+            return dequantize(*quantize(probs, self.top_m), probs.shape[-1])
+        return truncate_top_m(probs, self.top_m)
+
     def propose(self, context: Sequence[int], k: int, params: SamplingParams, u: Uniform) -> Draft:
         if k <= 0:
             return Draft([])
@@ -64,11 +74,7 @@ class DraftModelProposer(Proposer):
             if params.greedy:
                 tokens.append(int(np.argmax(logits)))
             else:
-                probs = logits_to_probs(logits, params)  # [V]
-                if self.quantize:
-                    q = dequantize(*quantize(probs, self.top_m), probs.shape[-1])
-                else:
-                    q = truncate_top_m(probs, self.top_m)
+                q = self._q(logits, params)  # [V]
                 tokens.append(sample(q, u(len(context) + i)))
                 q_rows.append(q)
             if i + 1 < k:
@@ -79,6 +85,35 @@ class DraftModelProposer(Proposer):
             old = self.cost_per_token
             self.cost_per_token = per if old == 0 else 0.7 * old + 0.3 * per
         return Draft(tokens, None if params.greedy else np.stack(q_rows))
+
+    drafts_trees = True
+
+    def propose_tree(
+        self, context: Sequence[int], shape: TreeShape, params: SamplingParams, u: Uniform
+    ) -> Draft:
+        """A tree drafted level by level (``draft_tree``): one tree forward per level over the
+        tree so far; the cache keeps only the committed text afterwards (the next round's
+        catch-up feeds the accepted path)."""
+        if shape.depth <= 0:
+            return Draft([])
+        own = getattr(self.backend, "max_tree_paths", None)  # the drafter's own tree passes
+        if own is not None and own < shape.max_paths:
+            shape = replace(shape, max_paths=own)
+        root = self._sync(context)  # [V]
+        start = len(self._fed)
+        t0 = time.perf_counter()
+
+        def forward_tree(tokens: Sequence[int], parents: Sequence[int]) -> np.ndarray:
+            try:
+                return self.backend.forward(self._seq, tokens, parents)  # [n, V]
+            finally:
+                self.backend.truncate(self._seq, start)
+
+        tree = draft_tree(
+            root, forward_tree, shape, params, lambda lg: self._q(lg, params), u, len(context)
+        )
+        self.tree_seconds = time.perf_counter() - t0  # the levels after the first
+        return Draft(tree.tokens, tree.q, tree.parents)
 
     prepares = True
 

@@ -105,6 +105,7 @@ class RemoteVerifier(Verifier):
                 continue
             w = link.welcome
             self.vocab_size, self.n_ctx, self.max_draft = w.vocab_size, w.n_ctx, w.max_draft
+            self.tree_paths = w.tree_paths  # (0 from a server without trees)
             self.cost_shape = {c.n: c.micros / wire.MICROS for c in w.verify_cost}
             return link
 

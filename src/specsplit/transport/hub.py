@@ -92,7 +92,8 @@ class Hub:
                 with self._inflight_lock:
                     self._inflight += 1
                 fut.add_done_callback(self._single_done)
-                m.out.put((fut, m.joined))
+                tree = any(d.parents is not None for d in drafts)  # its path: ids in the verdict
+                m.out.put((fut, m.joined or tree))
                 return
             if pipelined:  # no drafting ahead with several drafters: answer "dropped", in order
                 dropped: Future[Outcome] = Future()
@@ -132,6 +133,9 @@ class Hub:
     def _merged(self, own: list[Draft], others: list[Draft]) -> list[Draft]:
         """The owner's drafts whole, then the joiners' cut (their longest chains first) so the
         round stays within the server's max_draft and the context left."""
+        if any(d.parents is not None for d in own):
+            return own  # a one-drafter tree is verified alone
+        others = [d for d in others if d.parents is None]
         committed = len(self.served.state.snapshot()[0])
         cap = min(self.scheduler.max_draft, self.scheduler.target.n_ctx - committed)
         left = cap - sum(len(d.tokens) for d in own)

@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 from specsplit.backends.vocab_file import vocab_blob
 from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
 from specsplit.engine.speculative import Chunk, DecodeLoop, GenerationRequest
-from specsplit.engine.verifier import Outcome
+from specsplit.engine.verifier import Outcome, tree_paths
 from specsplit.errors import (
     ConfigError,
     Overloaded,
@@ -290,6 +290,7 @@ class VerifierService(pb_grpc.VerifierServicer):
             vocab_size=t.vocab_size,
             n_ctx=t.n_ctx,
             max_draft=self.scheduler.max_draft,
+            tree_paths=tree_paths(t),
             verify_cost=[
                 pb.CostPoint(n=n, micros=int(s * wire.MICROS))
                 for n, s in sorted(self.scheduler.cost_shape.items())
@@ -446,7 +447,11 @@ class VerifierService(pb_grpc.VerifierServicer):
                     raise Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from None
                 d = msg.draft
                 drafts = wire.drafts_from_pb(
-                    d.chains, vocab, self.scheduler.max_draft + int(d.pipelined), greedy
+                    d.chains,
+                    vocab,
+                    self.scheduler.max_draft + int(d.pipelined),
+                    greedy,
+                    tree_paths(self.scheduler.target),
                 )
                 hub.submit(member, drafts, int(d.version), d.pipelined)
             member.out.put(None)

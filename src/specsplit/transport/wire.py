@@ -2,7 +2,7 @@
 
 A sampled draft token travels with the exact distribution it was sampled from, quantized
 (integer counts summing to 2**16 over the tokens it could have been; see
-``sampling.quantize``). A q that is not exactly representable is refused on the sending
+``sampling.quantize``); the draws of a tree under one parent share one row. A q that is not exactly representable is refused on the sending
 side: rounding it would break losslessness.
 """
 
@@ -88,18 +88,67 @@ def drafts_to_pb(drafts: Sequence[Draft]) -> list[pb.Chain]:
     for d in drafts:
         if not d.tokens:
             continue
-        q = [] if d.q is None else [q_row_to_pb(d.q[i]) for i in range(len(d.tokens))]
-        chains.append(pb.Chain(tokens=[int(t) for t in d.tokens], q=q))
+        rows = _q_rows(d)
+        q = [] if d.q is None else [q_row_to_pb(d.q[i]) for i in rows]
+        parents = [] if d.parents is None else [int(p) + 1 for p in d.parents]
+        chains.append(pb.Chain(tokens=[int(t) for t in d.tokens], q=q, parents=parents))
     return chains
 
 
+def _q_rows(d: Draft) -> list[int]:
+    """The draws whose q rows go on the wire: every draw of a chain; for a tree, the first
+    draw under each parent (siblings are drawn from one q, so one row serves them all)."""
+    if d.parents is None:
+        return list(range(len(d.tokens)))
+    first: dict[int, int] = {}
+    for i, p in enumerate(d.parents):
+        first.setdefault(p, i)
+        if d.q is not None and not np.array_equal(d.q[i], d.q[first[p]]):
+            raise ConfigError("a tree's siblings must be drawn from one q (i.i.d. children)")
+    return list(first.values())
+
+
+def _row_from_pb(row: pb.QRow, x: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """A checked q row: its ids and probabilities (counts / 2**16); x must be among the ids."""
+    ids = np.asarray(row.ids, dtype=np.int64)
+    counts = np.asarray(row.counts, dtype=np.int64)
+    if len(ids) != len(counts) or len(ids) == 0:
+        raise ProtocolError("a q row needs as many counts as ids, at least one")
+    if ids.max() >= vocab or len(np.unique(ids)) != len(ids):
+        raise ProtocolError("q row ids must be distinct and inside the vocabulary")
+    if counts.min() < 1 or int(counts.sum()) != Q_TOTAL:
+        raise ProtocolError(f"q row counts must be >= 1 and sum to {Q_TOTAL}")
+    if x not in set(ids.tolist()):
+        raise ProtocolError("a draft token has probability 0 under its own q")
+    return ids, counts / float(Q_TOTAL)
+
+
+def _tree_parents(c: pb.Chain, tree_paths: int) -> list[int] | None:
+    """A tree chain's parents (-1: the committed text), checked; None for a chain."""
+    if not c.parents:
+        return None
+    if len(c.parents) != len(c.tokens):
+        raise ProtocolError(f"{len(c.tokens)} tree tokens but {len(c.parents)} parents")
+    parents = [int(p) - 1 for p in c.parents]
+    if any(not -1 <= p < i for i, p in enumerate(parents)):
+        raise ProtocolError("a tree token's parent must be an earlier token (or 0: the text)")
+    inner = set(parents)
+    leaves = sum(1 for i in range(len(parents)) if i not in inner)
+    if leaves > tree_paths:
+        raise ProtocolError(f"a tree with {leaves} paths; this server takes {tree_paths}")
+    return parents
+
+
 def drafts_from_pb(
-    chains: Sequence[pb.Chain], vocab: int, max_tokens: int, greedy: bool
+    chains: Sequence[pb.Chain], vocab: int, max_tokens: int, greedy: bool, tree_paths: int = 0
 ) -> list[Draft]:
-    """Validated drafts; q rows dense [k, vocab] float64 (exactly counts / 2**16)."""
+    """Validated drafts; q rows dense [k, vocab] float64 (exactly counts / 2**16). A tree
+    (``Chain.parents``) comes alone, with at most ``tree_paths`` root-to-leaf paths."""
     total = sum(len(c.tokens) for c in chains)
     if total > max_tokens:
         raise ProtocolError(f"{total} draft tokens in one round; the limit is {max_tokens}")
+    if len(chains) > 1 and any(c.parents for c in chains):
+        raise ProtocolError("a tree comes alone in its round")
     out = []
     for c in chains:
         toks = list(c.tokens)
@@ -107,27 +156,25 @@ def drafts_from_pb(
             raise ProtocolError("an empty draft chain")
         if max(toks) >= vocab:
             raise ProtocolError(f"draft token id {max(toks)} outside the vocabulary [0, {vocab})")
+        parents = _tree_parents(c, tree_paths)
         if greedy or not c.q:
             if c.q:
                 raise ProtocolError("a greedy round carries token ids only")
-            out.append(Draft(toks))
+            out.append(Draft(toks, None, parents))
             continue
-        if len(c.q) != len(toks):
-            raise ProtocolError(f"{len(toks)} draft tokens but {len(c.q)} q rows")
+        # row of each draw: its own (a chain), its parent's (a tree: one per parent, in the
+        # order the parents first appear)
+        order = list(range(len(toks))) if parents is None else list(dict.fromkeys(parents))
+        row_of = list(range(len(toks))) if parents is None else [order.index(p) for p in parents]
+        if len(c.q) != len(order):
+            raise ProtocolError(
+                f"{len(toks)} draft tokens need {len(order)} q rows, got {len(c.q)}"
+            )
         q = np.zeros((len(toks), vocab), dtype=np.float64)  # [k, V]
-        for i, (row, x) in enumerate(zip(c.q, toks, strict=True)):
-            ids = np.asarray(row.ids, dtype=np.int64)
-            counts = np.asarray(row.counts, dtype=np.int64)
-            if len(ids) != len(counts) or len(ids) == 0:
-                raise ProtocolError("a q row needs as many counts as ids, at least one")
-            if ids.max() >= vocab or len(np.unique(ids)) != len(ids):
-                raise ProtocolError("q row ids must be distinct and inside the vocabulary")
-            if counts.min() < 1 or int(counts.sum()) != Q_TOTAL:
-                raise ProtocolError(f"q row counts must be >= 1 and sum to {Q_TOTAL}")
-            if x not in set(ids.tolist()):
-                raise ProtocolError("a draft token has probability 0 under its own q")
-            q[i, ids] = counts / float(Q_TOTAL)
-        out.append(Draft(toks, q))
+        for i, x in enumerate(toks):
+            ids, probs = _row_from_pb(c.q[row_of[i]], x, vocab)
+            q[i, ids] = probs
+        out.append(Draft(toks, q, parents))
     return out
 
 

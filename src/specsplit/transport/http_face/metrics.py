@@ -6,7 +6,7 @@ it on a registry of the server's own (``server_registry``), not the global one, 
 several servers in one process do not clash. Names (``specsplit_`` prefix, ``_total`` on
 counters): sessions, queue_rounds, kv_bytes, kv_budget_bytes, passes, rounds,
 batch_size_passes{size}, batch_size_mean, dropped_rounds, draft_tokens, accepted_tokens,
-acceptance_rate, emitted_tokens, prefill_tokens, evictions, verify_seconds,
+acceptance_rate, emitted_tokens, prefill_tokens, prefill_passes, evictions, verify_seconds,
 received_bytes, sent_bytes, refused{code}; per API key (``KeyCollector``): key_calls{key},
 key_tokens{key}, key_token_quota{key}, key_refused{key,reason}.
 """
@@ -70,6 +70,7 @@ class ServerCollector(Collector):
         yield _gauge("acceptance_rate", "Accepted / proposed draft tokens.", rate)
         yield _counter("emitted_tokens", "Tokens committed by rounds.", st.emitted)
         yield _counter("prefill_tokens", "Prompt tokens prefilled.", st.prefill_tokens)
+        yield _counter("prefill_passes", "Batched prefill passes.", st.prefill_passes)
         yield _counter("evictions", "Idle KV caches evicted.", st.evictions)
         yield _counter("verify_seconds", "Seconds in target passes.", st.t_verify)
         if self.wire is None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fspecsplit.proto\x12\x0cspecsplit.v1\"Y\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x17\n\x0ftarget_identity\x18\x03 \x01(\t\"&\n\tCostPoint\x12\t\n\x01n\x18\x01 \x01(\r\x12\x0e\n\x06micros\x18\x02 \x01(\r\"\xed\x01\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0ftarget_identity\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0btarget_name\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05n_ctx\x18\x06 \x01(\r\x12\x11\n\tmax_draft\x18\x07 \x01(\r\x12,\n\x0bverify_cost\x18\x08 \x03(\x0b\x32\x17.specsplit.v1.CostPoint\x12\x17\n\x0fsession_address\x18\t \x01(\t\"L\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\"\xb3\x01\n\x04Open\x12\x12\n\nprompt_ids\x18\x01 \x03(\r\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.specsplit.v1.Sampling\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x17\n\x0fjoin_session_id\x18\x05 \x01(\t\x12\x12\n\njoin_token\x18\x06 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\x08\"#\n\x04QRow\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\r\"6\n\x05\x43hain\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\x1d\n\x01q\x18\x02 \x03(\x0b\x32\x12.specsplit.v1.QRow\"P\n\x05\x44raft\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x06\x63hains\x18\x02 \x03(\x0b\x32\x13.specsplit.v1.Chain\x12\x11\n\tpipelined\x18\x03 \x01(\x08\"\x07\n\x05\x43lose\"\x82\x01\n\tClientMsg\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.specsplit.v1.OpenH\x00\x12$\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x13.specsplit.v1.DraftH\x00\x12$\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x13.specsplit.v1.CloseH\x00\x42\x05\n\x03msg\"\x97\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\njoin_token\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x15\n\rcommitted_ids\x18\x04 \x03(\r\x12\x13\n\x0bload_micros\x18\x05 \x01(\r\x12\x18\n\x0b\x66irst_token\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_first_token\"\xce\x01\n\x07Verdict\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x08\x12\x12\n\nn_accepted\x18\x03 \x01(\r\x12\x12\n\nnext_token\x18\x04 \x01(\r\x12\r\n\x05\x63hain\x18\x05 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pted_ids\x18\x06 \x03(\r\x12\x15\n\rverify_micros\x18\x07 \x01(\r\x12\x14\n\x0cqueue_micros\x18\x08 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x13\n\x0bload_micros\x18\n \x01(\r\"d\n\tServerMsg\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.specsplit.v1.OpenedH\x00\x12(\n\x07verdict\x18\x02 \x01(\x0b\x32\x15.specsplit.v1.VerdictH\x00\x42\x05\n\x03msg\"\xe3\x01\n\x0fGenerateRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.specsplit.v1.Sampling\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0cserver_draft\x18\x07 \x01(\x08\x12\x12\n\nresume_ids\x18\x08 \x03(\rB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"o\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\nstats_json\x18\x04 \x01(\t\x12\x12\n\nprompt_ids\x18\x05 \x03(\r\"2\n\x11VocabularyRequest\x12\x1d\n\x15tokenizer_fingerprint\x18\x01 \x01(\t\"\x1f\n\x0fVocabularyChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\x9e\x02\n\x08Verifier\x12\x37\n\tHandshake\x12\x13.specsplit.v1.Hello\x1a\x15.specsplit.v1.Welcome\x12?\n\x07Session\x12\x17.specsplit.v1.ClientMsg\x1a\x17.specsplit.v1.ServerMsg(\x01\x30\x01\x12H\n\x08Generate\x12\x1d.specsplit.v1.GenerateRequest\x1a\x1b.specsplit.v1.GenerateChunk0\x01\x12N\n\nVocabulary\x12\x1f.specsplit.v1.VocabularyRequest\x1a\x1d.specsplit.v1.VocabularyChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fspecsplit.proto\x12\x0cspecsplit.v1\"Y\n\x05Hello\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x17\n\x0ftarget_identity\x18\x03 \x01(\t\"&\n\tCostPoint\x12\t\n\x01n\x18\x01 \x01(\r\x12\x0e\n\x06micros\x18\x02 \x01(\r\"\x81\x02\n\x07Welcome\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x17\n\x0ftarget_identity\x18\x02 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0btarget_name\x18\x04 \x01(\t\x12\x12\n\nvocab_size\x18\x05 \x01(\r\x12\r\n\x05n_ctx\x18\x06 \x01(\r\x12\x11\n\tmax_draft\x18\x07 \x01(\r\x12,\n\x0bverify_cost\x18\x08 \x03(\x0b\x32\x17.specsplit.v1.CostPoint\x12\x17\n\x0fsession_address\x18\t \x01(\t\x12\x12\n\ntree_paths\x18\n \x01(\r\"L\n\x08Sampling\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x01\x12\r\n\x05min_p\x18\x04 \x01(\x01\"\xb3\x01\n\x04Open\x12\x12\n\nprompt_ids\x18\x01 \x03(\r\x12(\n\x08sampling\x18\x02 \x01(\x0b\x32\x16.specsplit.v1.Sampling\x12\x0c\n\x04seed\x18\x03 \x01(\x04\x12\x1d\n\x15tokenizer_fingerprint\x18\x04 \x01(\t\x12\x17\n\x0fjoin_session_id\x18\x05 \x01(\t\x12\x12\n\njoin_token\x18\x06 \x01(\t\x12\x13\n\x0b\x66irst_token\x18\x07 \x01(\x08\"#\n\x04QRow\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x0e\n\x06\x63ounts\x18\x02 \x03(\r\"G\n\x05\x43hain\x12\x0e\n\x06tokens\x18\x01 \x03(\r\x12\x1d\n\x01q\x18\x02 \x03(\x0b\x32\x12.specsplit.v1.QRow\x12\x0f\n\x07parents\x18\x03 \x03(\r\"P\n\x05\x44raft\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x06\x63hains\x18\x02 \x03(\x0b\x32\x13.specsplit.v1.Chain\x12\x11\n\tpipelined\x18\x03 \x01(\x08\"\x07\n\x05\x43lose\"\x82\x01\n\tClientMsg\x12\"\n\x04open\x18\x01 \x01(\x0b\x32\x12.specsplit.v1.OpenH\x00\x12$\n\x05\x64raft\x18\x02 \x01(\x0b\x32\x13.specsplit.v1.DraftH\x00\x12$\n\x05\x63lose\x18\x03 \x01(\x0b\x32\x13.specsplit.v1.CloseH\x00\x42\x05\n\x03msg\"\x97\x01\n\x06Opened\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x12\n\njoin_token\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x15\n\rcommitted_ids\x18\x04 \x03(\r\x12\x13\n\x0bload_micros\x18\x05 \x01(\r\x12\x18\n\x0b\x66irst_token\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x0e\n\x0c_first_token\"\xce\x01\n\x07Verdict\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x08\x12\x12\n\nn_accepted\x18\x03 \x01(\r\x12\x12\n\nnext_token\x18\x04 \x01(\r\x12\r\n\x05\x63hain\x18\x05 \x01(\r\x12\x14\n\x0c\x61\x63\x63\x65pted_ids\x18\x06 \x03(\r\x12\x15\n\rverify_micros\x18\x07 \x01(\r\x12\x14\n\x0cqueue_micros\x18\x08 \x01(\r\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x13\n\x0bload_micros\x18\n \x01(\r\"d\n\tServerMsg\x12&\n\x06opened\x18\x01 \x01(\x0b\x32\x14.specsplit.v1.OpenedH\x00\x12(\n\x07verdict\x18\x02 \x01(\x0b\x32\x15.specsplit.v1.VerdictH\x00\x42\x05\n\x03msg\"\xe3\x01\n\x0fGenerateRequest\x12\x12\n\nprompt_ids\x18\x01 \x03(\r\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08sampling\x18\x03 \x01(\x0b\x32\x16.specsplit.v1.Sampling\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0emax_new_tokens\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x14\n\x0cserver_draft\x18\x07 \x01(\x08\x12\x12\n\nresume_ids\x18\x08 \x03(\rB\x07\n\x05_seedB\x11\n\x0f_max_new_tokens\"o\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x15\n\rfinish_reason\x18\x03 \x01(\t\x12\x12\n\nstats_json\x18\x04 \x01(\t\x12\x12\n\nprompt_ids\x18\x05 \x03(\r\"2\n\x11VocabularyRequest\x12\x1d\n\x15tokenizer_fingerprint\x18\x01 \x01(\t\"\x1f\n\x0fVocabularyChunk\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x32\x9e\x02\n\x08Verifier\x12\x37\n\tHandshake\x12\x13.specsplit.v1.Hello\x1a\x15.specsplit.v1.Welcome\x12?\n\x07Session\x12\x17.specsplit.v1.ClientMsg\x1a\x17.specsplit.v1.ServerMsg(\x01\x30\x01\x12H\n\x08Generate\x12\x1d.specsplit.v1.GenerateRequest\x1a\x1b.specsplit.v1.GenerateChunk0\x01\x12N\n\nVocabulary\x12\x1f.specsplit.v1.VocabularyRequest\x1a\x1d.specsplit.v1.VocabularyChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,35 +36,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_COSTPOINT']._serialized_start=124
   _globals['_COSTPOINT']._serialized_end=162
   _globals['_WELCOME']._serialized_start=165
-  _globals['_WELCOME']._serialized_end=402
-  _globals['_SAMPLING']._serialized_start=404
-  _globals['_SAMPLING']._serialized_end=480
-  _globals['_OPEN']._serialized_start=483
-  _globals['_OPEN']._serialized_end=662
-  _globals['_QROW']._serialized_start=664
-  _globals['_QROW']._serialized_end=699
-  _globals['_CHAIN']._serialized_start=701
-  _globals['_CHAIN']._serialized_end=755
-  _globals['_DRAFT']._serialized_start=757
-  _globals['_DRAFT']._serialized_end=837
-  _globals['_CLOSE']._serialized_start=839
-  _globals['_CLOSE']._serialized_end=846
-  _globals['_CLIENTMSG']._serialized_start=849
-  _globals['_CLIENTMSG']._serialized_end=979
-  _globals['_OPENED']._serialized_start=982
-  _globals['_OPENED']._serialized_end=1133
-  _globals['_VERDICT']._serialized_start=1136
-  _globals['_VERDICT']._serialized_end=1342
-  _globals['_SERVERMSG']._serialized_start=1344
-  _globals['_SERVERMSG']._serialized_end=1444
-  _globals['_GENERATEREQUEST']._serialized_start=1447
-  _globals['_GENERATEREQUEST']._serialized_end=1674
-  _globals['_GENERATECHUNK']._serialized_start=1676
-  _globals['_GENERATECHUNK']._serialized_end=1787
-  _globals['_VOCABULARYREQUEST']._serialized_start=1789
-  _globals['_VOCABULARYREQUEST']._serialized_end=1839
-  _globals['_VOCABULARYCHUNK']._serialized_start=1841
-  _globals['_VOCABULARYCHUNK']._serialized_end=1872
-  _globals['_VERIFIER']._serialized_start=1875
-  _globals['_VERIFIER']._serialized_end=2161
+  _globals['_WELCOME']._serialized_end=422
+  _globals['_SAMPLING']._serialized_start=424
+  _globals['_SAMPLING']._serialized_end=500
+  _globals['_OPEN']._serialized_start=503
+  _globals['_OPEN']._serialized_end=682
+  _globals['_QROW']._serialized_start=684
+  _globals['_QROW']._serialized_end=719
+  _globals['_CHAIN']._serialized_start=721
+  _globals['_CHAIN']._serialized_end=792
+  _globals['_DRAFT']._serialized_start=794
+  _globals['_DRAFT']._serialized_end=874
+  _globals['_CLOSE']._serialized_start=876
+  _globals['_CLOSE']._serialized_end=883
+  _globals['_CLIENTMSG']._serialized_start=886
+  _globals['_CLIENTMSG']._serialized_end=1016
+  _globals['_OPENED']._serialized_start=1019
+  _globals['_OPENED']._serialized_end=1170
+  _globals['_VERDICT']._serialized_start=1173
+  _globals['_VERDICT']._serialized_end=1379
+  _globals['_SERVERMSG']._serialized_start=1381
+  _globals['_SERVERMSG']._serialized_end=1481
+  _globals['_GENERATEREQUEST']._serialized_start=1484
+  _globals['_GENERATEREQUEST']._serialized_end=1711
+  _globals['_GENERATECHUNK']._serialized_start=1713
+  _globals['_GENERATECHUNK']._serialized_end=1824
+  _globals['_VOCABULARYREQUEST']._serialized_start=1826
+  _globals['_VOCABULARYREQUEST']._serialized_end=1876
+  _globals['_VOCABULARYCHUNK']._serialized_start=1878
+  _globals['_VOCABULARYCHUNK']._serialized_end=1909
+  _globals['_VERIFIER']._serialized_start=1912
+  _globals['_VERIFIER']._serialized_end=2198
 # @@protoc_insertion_point(module_scope)

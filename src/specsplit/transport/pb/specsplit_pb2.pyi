@@ -25,7 +25,7 @@ class CostPoint(_message.Message):
     def __init__(self, n: _Optional[int] = ..., micros: _Optional[int] = ...) -> None: ...
 
 class Welcome(_message.Message):
-    __slots__ = ("protocol_version", "target_identity", "tokenizer_fingerprint", "target_name", "vocab_size", "n_ctx", "max_draft", "verify_cost", "session_address")
+    __slots__ = ("protocol_version", "target_identity", "tokenizer_fingerprint", "target_name", "vocab_size", "n_ctx", "max_draft", "verify_cost", "session_address", "tree_paths")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     TARGET_IDENTITY_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,7 @@ class Welcome(_message.Message):
     MAX_DRAFT_FIELD_NUMBER: _ClassVar[int]
     VERIFY_COST_FIELD_NUMBER: _ClassVar[int]
     SESSION_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TREE_PATHS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     target_identity: str
     tokenizer_fingerprint: str
@@ -44,7 +45,8 @@ class Welcome(_message.Message):
     max_draft: int
     verify_cost: _containers.RepeatedCompositeFieldContainer[CostPoint]
     session_address: str
-    def __init__(self, protocol_version: _Optional[int] = ..., target_identity: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., target_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., verify_cost: _Optional[_Iterable[_Union[CostPoint, _Mapping]]] = ..., session_address: _Optional[str] = ...) -> None: ...
+    tree_paths: int
+    def __init__(self, protocol_version: _Optional[int] = ..., target_identity: _Optional[str] = ..., tokenizer_fingerprint: _Optional[str] = ..., target_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., n_ctx: _Optional[int] = ..., max_draft: _Optional[int] = ..., verify_cost: _Optional[_Iterable[_Union[CostPoint, _Mapping]]] = ..., session_address: _Optional[str] = ..., tree_paths: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "min_p")
@@ -85,12 +87,14 @@ class QRow(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Chain(_message.Message):
-    __slots__ = ("tokens", "q")
+    __slots__ = ("tokens", "q", "parents")
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     Q_FIELD_NUMBER: _ClassVar[int]
+    PARENTS_FIELD_NUMBER: _ClassVar[int]
     tokens: _containers.RepeatedScalarFieldContainer[int]
     q: _containers.RepeatedCompositeFieldContainer[QRow]
-    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[QRow, _Mapping]]] = ...) -> None: ...
+    parents: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., q: _Optional[_Iterable[_Union[QRow, _Mapping]]] = ..., parents: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("version", "chains", "pipelined")
