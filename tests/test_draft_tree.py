@@ -19,6 +19,7 @@ from specsplit.proposers.draft_tree import TreeShape
 from specsplit.randomness import Sequential, drafter_uniform
 from specsplit.sampling import SamplingParams, logits_to_probs, sample
 from specsplit.verify import TokenTree, verify_tree
+from test_engine_exact import _assert_matches
 
 # ---- the rule by hand ----
 
@@ -249,19 +250,6 @@ def _exact_pair(target, params, skip_first: bool) -> dict[tuple[int, int], float
                 out[(b, c)] = out.get((b, c), 0.0) + p0[a] * p1[b] * p2[c]
     target.free_sequence(seq)
     return out
-
-
-def _assert_matches(counts: Counter, joint: dict) -> None:
-    assert all(joint.get(k, 0) > 0 for k in counts), "emitted a sequence the target cannot"
-    keys = [k for k, pr in joint.items() if pr > 0]
-    obs = np.array([counts[k] for k in keys], dtype=float)
-    exp = np.array([joint[k] for k in keys]) * obs.sum()
-    small = exp < 5  # pool rare outcomes so the chi-square approximation holds
-    if small.any():
-        obs = np.append(obs[~small], obs[small].sum())
-        exp = np.append(exp[~small], exp[small].sum())
-    assert chisquare(obs, exp).pvalue > 1e-3
-    assert 0.5 * np.abs(obs - exp).sum() / obs.sum() < 0.08
 
 
 @pytest.mark.parametrize("which", ["tokens-0-1", "tokens-1-2"])
