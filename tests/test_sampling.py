@@ -139,3 +139,24 @@ def test_quantize_hands_leftover_units_to_the_largest_remainders():
     tiny = np.array([1 - 1e-7, 1e-7])
     ids, counts = quantize(tiny)
     assert ids.tolist() == [0] and counts.tolist() == [1 << QUANT_BITS]
+
+
+def test_sparse_rows_hold_a_wire_q_exactly_and_small():
+    from specsplit.proposers.base import Draft
+    from specsplit.sampling import SparseRows, quantize
+    from specsplit.transport import wire
+
+    vocab = 49_152
+    rng = np.random.default_rng(0)
+    rows = []
+    for _ in range(4):
+        p = rng.dirichlet(np.full(vocab, 0.01))
+        rows.append(dequantize(*quantize(p, 64), vocab))  # what an edge samples from
+    q = np.stack(rows)  # [4, V]
+    tokens = [int(np.argmax(r)) for r in rows]
+    back = wire.drafts_from_pb(wire.drafts_to_pb([Draft(tokens, q)]), vocab, 16, greedy=False)[0]
+    assert isinstance(back.q, SparseRows) and back.q.shape == (4, vocab)
+    assert np.array_equal(back.q.dense(), q)
+    assert np.array_equal(back.q[:2].dense(), q[:2])
+    held = sum(ids.nbytes + probs.nbytes for ids, probs in back.q.rows)
+    assert held <= 4 * 64 * 16 < q.nbytes // 100  # not the 1.6 MB of a dense [4, V] float64

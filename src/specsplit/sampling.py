@@ -150,3 +150,34 @@ def dequantize(ids: np.ndarray, counts: np.ndarray, vocab_size: int) -> np.ndarr
     out = np.zeros(vocab_size, dtype=np.float64)
     out[ids] = counts / float(1 << QUANT_BITS)
     return out
+
+
+@dataclass(frozen=True)
+class SparseRows:
+    """Rows of distributions over a vocabulary, each kept as (ids [n], probs [n]): a q that
+    came over the wire. A round waits in the server's queue with these (a few hundred bytes a
+    row) and becomes dense [k, V] float64 only when it is planned for a pass (``dense``):
+    held dense, every queued sampled round cost k x V x 8 bytes (1.6 MB at K = 4 on SmolLM2,
+    4.9 MB on Qwen), which the soak saw as memory per active session."""
+
+    rows: tuple[tuple[np.ndarray, np.ndarray], ...]
+    vocab: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.vocab)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, key: slice) -> SparseRows:
+        if not isinstance(key, slice):
+            raise TypeError("SparseRows are sliced by rows; use dense() to read values")
+        return SparseRows(self.rows[key], self.vocab)
+
+    def dense(self) -> np.ndarray:
+        """[k, V] float64, exactly the rows' probabilities."""
+        q = np.zeros(self.shape, dtype=np.float64)
+        for i, (ids, probs) in enumerate(self.rows):
+            q[i, ids] = probs
+        return q

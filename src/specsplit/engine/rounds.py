@@ -20,7 +20,7 @@ from specsplit.draw_tree import DrawTree, verify_draw_tree, verify_draw_tree_gre
 from specsplit.errors import ConfigError
 from specsplit.proposers.base import Draft
 from specsplit.randomness import Uniform
-from specsplit.sampling import SamplingParams, logits_to_probs
+from specsplit.sampling import SamplingParams, SparseRows, logits_to_probs
 from specsplit.verify import (
     TokenTree,
     Verdict,
@@ -55,8 +55,11 @@ class Round:
         return max((len(c) for c in self.chains), default=0)
 
 
-def align_q(q: np.ndarray | None, vocab: int) -> np.ndarray | None:
-    """A drafter's q [k, V_draft] as [k, V_target] (padding rows of the logits differ)."""
+def align_q(q: np.ndarray | SparseRows | None, vocab: int) -> np.ndarray | None:
+    """A drafter's q [k, V_draft] as [k, V_target] (padding rows of the logits differ); a
+    q from the wire (``SparseRows``) made dense."""
+    if isinstance(q, SparseRows):
+        q = q.dense()
     if q is None or q.shape[1] == vocab:
         return q
     if q.shape[1] < vocab:

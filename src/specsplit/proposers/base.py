@@ -11,7 +11,7 @@ import numpy as np
 from specsplit.errors import ConfigError
 from specsplit.proposers.draft_tree import TreeShape
 from specsplit.randomness import Uniform
-from specsplit.sampling import SamplingParams
+from specsplit.sampling import SamplingParams, SparseRows
 
 
 @dataclass
@@ -19,7 +19,9 @@ class Draft:
     """Draft tokens and, where they were sampled, the exact distribution of each."""
 
     tokens: list[int]  # [k] proposed ids, k <= the k asked for
-    q: np.ndarray | None = None  # [k, V] what each token was sampled from; None = one-hot
+    # [k, V] what each token was sampled from (sparse rows as they come over the wire);
+    # None = one-hot
+    q: np.ndarray | SparseRows | None = None
     # a tree from one drafter (``draw_tree``): parent of each token among these (-1: the
     # committed text), tokens in level order; None: a chain
     parents: list[int] | None = None  # [k]

@@ -18,7 +18,7 @@ from specsplit.engine.metrics import GenerationStats
 from specsplit.engine.verifier import Outcome
 from specsplit.errors import ConfigError
 from specsplit.proposers.base import Draft
-from specsplit.sampling import QUANT_BITS, SamplingParams
+from specsplit.sampling import QUANT_BITS, SamplingParams, SparseRows
 from specsplit.transport.pb import specsplit_pb2 as pb
 
 PROTOCOL_VERSION = 2
@@ -142,7 +142,7 @@ def _tree_parents(c: pb.Chain, tree_paths: int) -> list[int] | None:
 def drafts_from_pb(
     chains: Sequence[pb.Chain], vocab: int, max_tokens: int, greedy: bool, tree_paths: int = 0
 ) -> list[Draft]:
-    """Validated drafts; q rows dense [k, vocab] float64 (exactly counts / 2**16). A tree
+    """Validated drafts; q rows sparse (``SparseRows``, exactly counts / 2**16). A tree
     (``Chain.parents``) comes alone, with at most ``tree_paths`` root-to-leaf paths."""
     total = sum(len(c.tokens) for c in chains)
     if total > max_tokens:
@@ -170,11 +170,8 @@ def drafts_from_pb(
             raise ProtocolError(
                 f"{len(toks)} draft tokens need {len(order)} q rows, got {len(c.q)}"
             )
-        q = np.zeros((len(toks), vocab), dtype=np.float64)  # [k, V]
-        for i, x in enumerate(toks):
-            ids, probs = _row_from_pb(c.q[row_of[i]], x, vocab)
-            q[i, ids] = probs
-        out.append(Draft(toks, q, parents))
+        rows = tuple(_row_from_pb(c.q[row_of[i]], x, vocab) for i, x in enumerate(toks))
+        out.append(Draft(toks, SparseRows(rows, vocab), parents))  # dense when planned
     return out
 
 

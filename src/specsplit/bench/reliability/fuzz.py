@@ -30,7 +30,7 @@ from specsplit.bench.reliability.common import (
     serve_args,
     spec_dicts,
 )
-from specsplit.bench.reliability.fuzz_cases import IA, OK, RE, Case, Limits, Maker
+from specsplit.bench.reliability.fuzz_cases import IA, OK, RE, Case, Limits, Maker, parse
 from specsplit.bench.reliability.kill import requests_of, run_clients
 from specsplit.transport import wire
 from specsplit.transport.pb import specsplit_pb2 as pb
@@ -134,9 +134,14 @@ def check_answers(case: Case, answers: list[bytes], lim: Limits) -> str:
     if case.rpc != "Session" or not answers:
         return ""
     msgs = [pb.ServerMsg.FromString(a) for a in answers]
-    if msgs[0].WhichOneof("msg") != "opened" or msgs[0].opened.version != 0:
+    sent = parse(pb.ClientMsg, case.msgs[0]) if case.msgs else None
+    first = bool(sent is not None and sent.open.first_token)  # the Open asked for it
+    opened = msgs[0].opened
+    if msgs[0].WhichOneof("msg") != "opened" or opened.version != int(first):
+        return "answer"  # a session starts at version 0, or 1 with the prefill's first token
+    if first and not (opened.HasField("first_token") and opened.first_token < lim.vocab):
         return "answer"
-    version = 0
+    version = int(first)
     for m in msgs[1:]:
         v = m.verdict
         if m.WhichOneof("msg") != "verdict" or v.version != version + (not v.dropped):

@@ -362,17 +362,27 @@ def _draft_status(d: pb.Draft, greedy: bool, version: int, lim: Limits) -> tuple
     """(status, whether the round changes the version) of a Draft at a session's version."""
     if sum(len(c.tokens) for c in d.chains) > lim.max_draft + d.pipelined:
         return IA, False
+    tree = any(c.parents for c in d.chains)
+    if tree and len(d.chains) > 1:
+        return IA, False  # a one-drafter tree comes alone in its round
     for c in d.chains:
         toks = list(c.tokens)
         if not toks or max(toks) >= lim.vocab:
             return IA, False
+        rows = list(range(len(toks)))  # the q row of each token: its own (a chain)
+        if c.parents:
+            parents = [int(p) - 1 for p in c.parents]  # wire 0: the committed text
+            if len(parents) != len(toks) or any(not -1 <= p < i for i, p in enumerate(parents)):
+                return IA, False
+            order = list(dict.fromkeys(parents))  # a tree: one row per parent, shared
+            rows = [order.index(p) for p in parents]
         if greedy or not c.q:
             if c.q:
                 return IA, False
             continue
-        if len(c.q) != len(toks):
+        if len(c.q) != max(rows) + 1:
             return IA, False
-        for row, x in zip(c.q, toks):
+        for row, x in zip((c.q[r] for r in rows), toks):
             ids, counts = list(row.ids), list(row.counts)
             if len(ids) != len(counts) or not ids:
                 return IA, False
@@ -383,8 +393,8 @@ def _draft_status(d: pb.Draft, greedy: bool, version: int, lim: Limits) -> tuple
     if d.pipelined:
         if d.version != version:
             return OK, False  # dropped
-        if len(d.chains) != 1:
-            return IA, False
+        if len(d.chains) != 1 or tree:
+            return IA, False  # (a tree cannot be drafted ahead: its bonus has no one guess)
         return OK, False  # verified or dropped: the last message, so either is fine
     if d.version != version:
         return FP, False
@@ -409,6 +419,7 @@ def expect_session(msgs: list[bytes], lim: Limits) -> tuple[str, bool]:
             if status != OK:
                 return status, False
             greedy = m.open.sampling.temperature == 0
+            version = int(m.open.first_token)  # the prefill's first token is version 1
             continue
         if kind == "close":
             return OK, False
