@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from specsplit import registry
 from specsplit.backends.base import (
@@ -148,9 +150,6 @@ class TorchBackend(Backend):
     def _new_cache(self) -> Any:
         """A DynamicCache with a full-attention layer per model layer (sliding windows were
         checked to cover n_ctx, so a full cache is exact for them too)."""
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         cache = DynamicCache()
         cache.layers = [DynamicLayer() for _ in range(self._n_layers)]
         return cache
@@ -300,7 +299,7 @@ class TorchBackend(Backend):
     def _stack_caches(self, seqs: Sequence[int], l_max: int) -> Any:
         """One batch cache over the sequences' own caches: each layer pads and stacks them
         only when the model reaches it (``_StackedLayer``)."""
-        batch = self._new_cache()
+        batch = DynamicCache()
         lens = [self._lens[s] for s in seqs]
         batch.layers = [
             _StackedLayer([self._caches[s].layers[li] for s in seqs], lens, l_max)
@@ -399,8 +398,6 @@ class TorchBackend(Backend):
 def _full_attention_layers(config: Any, n_ctx: int) -> int:
     """The number of attention layers; a ConfigError if a sliding (or chunked) window is
     narrower than n_ctx, a ModelError for layers that are not attention with a KV cache."""
-    from transformers import DynamicCache
-
     try:
         layers = DynamicCache(config=config).layers  # the cache transformers would build
     except Exception as e:
@@ -537,13 +534,7 @@ def _drop_gguf_quantizer(model: Any) -> None:
         quantizer.remove_quantization_config(model)
 
 
-def _stacked_layer_base() -> type:
-    from transformers.cache_utils import DynamicLayer
-
-    return DynamicLayer
-
-
-class _StackedLayer(_stacked_layer_base()):
+class _StackedLayer(DynamicLayer):
     """One layer of a batch cache over B sequences' own cache layers.
 
     The sequences' keys and values are padded on the right to l_max and stacked only when the

@@ -108,8 +108,6 @@ def sessions_per_replica(
     n = 0
     while n < by_memory and per_user_rate(cost, w, n + 1, b_max, tau, k) >= w.rate:
         n += 1
-        if n > 100_000:
-            break
     return n, "KV memory" if n == by_memory else "compute"
 
 
