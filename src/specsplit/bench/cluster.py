@@ -298,6 +298,15 @@ def cmd_scaling(ns: argparse.Namespace) -> dict:
                     }
                     for r, c in after.items()
                 }
+                # batching from the replicas that ran (the totals can still hold a removed
+                # replica's last counters before the run and not after it)
+                passes = sum(c["passes"] for c in row["per_replica"].values())
+                rounds = sum(c["rounds"] for c in row["per_replica"].values())
+                row.update(
+                    batched_passes=passes,
+                    target_passes_per_token=passes / row["tokens"],
+                    mean_batch_size=rounds / max(1, passes),
+                )
                 row.update(replicas=n, repeat=rep, pinned={str(p): c for c, p in enumerate(pids)})
                 row["load"] = os.getloadavg()
                 runs.append(row)
