@@ -92,6 +92,9 @@ def test_missing_model_file():
         (["--k", "100"], "--k"),
         (["--max-new-tokens", "0"], "max-new-tokens"),
         (["--device", "tpu"], "device"),
+        (["--k", "4", "--draft-tree", "auto"], "--draft-tree auto the tree's shape sets it"),
+        (["--k", "0", "--draft-tree", "3x4"], "--k 0 sets a chain's length"),
+        (["--draft-tree", "3x"], "3x"),
     ],
 )
 def test_invalid_settings(flags, needle):

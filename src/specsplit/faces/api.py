@@ -13,8 +13,8 @@ from specsplit.engine.speculative import (
     GenerationResult,
     SpeculativeEngine,
 )
-from specsplit.engine.tree_policy import tree_policy
-from specsplit.errors import ModelError
+from specsplit.engine.tree_policy import TreePolicy, tree_policy
+from specsplit.errors import ConfigError, ModelError
 from specsplit.proposers.base import Proposer
 from specsplit.proposers.draft_model import DraftModelProposer
 from specsplit.proposers.ngram import NGramProposer
@@ -26,6 +26,18 @@ DEFAULT_TARGET_BACKEND = "torch"
 DEFAULT_DRAFT_BACKEND = "llama.cpp"
 
 DraftSpec = str | Backend | Proposer | None
+
+
+def draft_tree_policy(tree: str, k: int | None) -> TreePolicy | None:
+    """The policy of ``tree`` (off: None, the chain's K policy decides). A fixed K with a tree
+    is refused: the tree's shape sets how far it drafts, so the K would be ignored."""
+    policy = tree_policy(tree, 16)
+    if policy is not None and k is not None:
+        raise ConfigError(
+            f"--k {k} sets a chain's length; with --draft-tree {tree} the tree's shape sets it "
+            "(drop --k, or give the depth as --draft-tree WIDTHxDEPTH)"
+        )
+    return policy
 
 
 def make_proposer(
@@ -89,7 +101,7 @@ class SpeculativeDecoder:
             self.target,
             [p for p in proposers if p is not None],
             k=k,
-            policy=tree_policy(tree, 16),
+            policy=draft_tree_policy(tree, k),
         )
         self.chat = chat
         if warm_up:
@@ -197,7 +209,7 @@ class EdgeDecoder(SpeculativeDecoder):
             proposer = draft if isinstance(draft, Proposer) else None
         tokenizer = self.verifier.tokenizer
         self.proposers = [proposer] if proposer is not None else []
-        self.policy = tree_policy(tree, 16) or default_policy(self.proposers, k, 16)
+        self.policy = draft_tree_policy(tree, k) or default_policy(self.proposers, k, 16)
         self.engine = DecodeLoop(self.verifier, self.proposers, self.policy)  # type: ignore[assignment]
         self.target = _TokenizerOnly(tokenizer)  # type: ignore[assignment]
         self.chat = chat

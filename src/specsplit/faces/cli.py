@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-from specsplit.engine.tree_policy import tree_policy
 from specsplit.errors import ConfigError, Interrupted, SpecsplitError
 from specsplit.faces.settings import GenerateSettings, add_arguments, from_namespace, parse_k
 from specsplit.sampling import SamplingParams
@@ -31,11 +30,16 @@ def _summary(stats) -> str:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from specsplit.faces.api import DEFAULT_DRAFT, DEFAULT_TARGET, SpeculativeDecoder
+    from specsplit.faces.api import (
+        DEFAULT_DRAFT,
+        DEFAULT_TARGET,
+        SpeculativeDecoder,
+        draft_tree_policy,
+    )
 
     s: GenerateSettings = from_namespace(ns)
     k = parse_k(s.k)
-    tree_policy(s.draft_tree)  # (checks the flag before any model loads)
+    draft_tree_policy(s.draft_tree, k)  # (checks the flags before any model loads)
     SamplingParams(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, min_p=s.min_p)
     if s.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {s.max_new_tokens}")
