@@ -449,6 +449,9 @@ def test_scale_down_moves_the_sessions_of_the_removed_replica(cluster, target, p
         scaled["before"] = {replica_of(lp.verifier.session_id) for lp in loops}
         scaled["t"] = time.monotonic()
         threading.Thread(target=cluster.deploy, kwargs={"replicas": 1}).start()
+        # every client waits here (on the lock) until one replica is stopping, so none can
+        # finish its text on the removed replica before that replica tells it to move
+        cluster.wait_replicas(1, timeout=60)
 
     lock = threading.Lock()
 
