@@ -59,3 +59,20 @@ def test_kv_budget_size_errors():
 
     with pytest.raises(ConfigError, match="like 512MiB"):
         parse_size("lots")
+
+
+def test_stopping_with_a_connection_open_logs_nothing(caplog):
+    """Stopping the proxy under an open connection ends it quietly (no asyncio error logged
+    about a cancelled handler, as a benchmark's end printed before)."""
+    srv, port = _echo_server()
+    proxy = DelayProxy(("127.0.0.1", port), one_way=0.01).start()
+    with (
+        caplog.at_level("ERROR", logger="asyncio"),
+        socket.create_connection(("127.0.0.1", proxy.port)) as c,
+    ):
+        c.sendall(b"hello")
+        assert c.recv(5) == b"hello"
+        proxy.stop()
+        time.sleep(0.2)
+    srv.close()
+    assert not [r for r in caplog.records if r.name == "asyncio"], caplog.text

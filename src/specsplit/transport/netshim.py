@@ -64,11 +64,15 @@ class DelayProxy:
         except OSError:
             writer.close()
             return
-        await asyncio.gather(
-            self._pipe(reader, up_w, up=True),
-            self._pipe(up_r, writer, up=False),
-            return_exceptions=True,
-        )
+        try:
+            await asyncio.gather(
+                self._pipe(reader, up_w, up=True),
+                self._pipe(up_r, writer, up=False),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:  # the proxy stops with the connection open: end quietly
+            writer.close()
+            up_w.close()
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
         """Copy src to dst, each chunk delivered one_way seconds after it was read."""
