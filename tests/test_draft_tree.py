@@ -215,6 +215,33 @@ def test_wider_trees_accept_more_than_chains(greedy_models):
     assert tau[4] > tau[1]
 
 
+def test_first_draw_run_follows_the_first_children():
+    from specsplit.engine.speculative import _first_draw_run
+    from specsplit.proposers.base import Draft
+
+    # level 0: 5 (first), 6; level 1 under 5: 7 (first), 8; under 6: 9
+    tree = Draft([5, 6, 7, 8, 9], None, [-1, -1, 0, 0, 1])
+    assert _first_draw_run(tree, [5, 7]) == 2
+    assert _first_draw_run(tree, [5, 8]) == 1  # the second child passed: the chain stopped
+    assert _first_draw_run(tree, [6, 9]) == 0
+    assert _first_draw_run(tree, []) == 0
+
+
+def test_wide_rounds_teach_the_chain_and_a_sure_drafter_gets_a_chain():
+    """Rounds of width-3 trees whose first draws all pass: width 1 learns it (it is never
+    drafted on its own), and with wider trees costing more to draft the policy turns to a
+    deep chain instead of staying wide on width 1's prior."""
+    policy = AdaptiveTree(k_max=8, learn_costs=False)
+    policy.verify.shape.update({n: 0.1 for n in range(1, 40)})  # memory-bound: flat
+    policy.draft_per_token = 0.02
+    prior = float(policy.alphas(1)[0])
+    for _ in range(40):
+        policy.update(TreeShape(3, 4), 4, 0.1, 13, 0.3, first_run=4)
+    assert policy.alphas(1)[:4].min() > 0.9 > prior
+    shape = policy.choose(8, 24, 32)
+    assert shape.width == 1 and shape.depth == 8
+
+
 # ---- sampled trees end to end: the emitted tokens follow the target ----
 
 V = 8

@@ -451,7 +451,10 @@ class DecodeLoop:
         if isinstance(self.policy, AdaptiveTree) and per_token > 0:
             self.policy.draft_per_token = per_token
         n = 1 + sum(len(d.tokens) for d in cur.drafts)  # (repeated draws merge: at most)
-        self.policy.update(cur.shape, outcome.n_accepted, outcome.t_verify, n, cur.t_draft, t_round)
+        first = _first_draw_run(cur.drafts[0], list(outcome.accepted or ())) if cur.drafts else 0
+        self.policy.update(
+            cur.shape, outcome.n_accepted, outcome.t_verify, n, cur.t_draft, t_round, first
+        )
 
     def _origins(self, cur: _InFlight, outcome: Outcome, n_accepted: int) -> list[str]:
         """How each token of a round came (see ``Chunk``): the accepted ones, then the last."""
@@ -521,6 +524,21 @@ class DecodeLoop:
         if len(new) >= budget:
             return new[:budget], "length"
         return new, None
+
+
+def _first_draw_run(draft: Draft, accepted: list[int]) -> int:
+    """How many accepted tokens a tree gave along its nodes' first draws (parents [n] in
+    level order, so a node's first child has the lowest index): what the chain of first
+    draws, drafted alone, would have had accepted."""
+    if draft.parents is None:
+        return len(accepted)
+    node, run = -1, 0
+    for tok in accepted:
+        kids = [i for i, p in enumerate(draft.parents) if p == node]
+        if not kids or draft.tokens[kids[0]] != tok:
+            break
+        node, run = kids[0], run + 1
+    return run
 
 
 def _has_more(draft: Draft, accepted: list[int]) -> bool:

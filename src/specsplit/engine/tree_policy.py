@@ -36,9 +36,12 @@ class TreePolicy(ABC):
         n: int,
         t_draft: float,
         t_round: float = 0.0,
+        first_run: int | None = None,
     ) -> None:
         """Learn from a round: n tokens verified in t_verify seconds, n_accepted passed, the
-        tree took t_draft seconds to draft, t_round went to the network and queue."""
+        tree took t_draft seconds to draft, t_round went to the network and queue;
+        first_run: how many levels the accepted path followed each node's first draw (what
+        a chain, width 1, would have accepted), where known."""
         return None
 
 
@@ -122,8 +125,10 @@ class AdaptiveTree(TreePolicy):
     def draft_time(self, width: int, depth: int) -> float:
         """One pass per level: the first is the one-token catch-up pass, level d >= 1 a tree
         pass over the d * width draws so far (a pass over n tokens modelled as
-        (1 + (n - 1) / 8) one-token passes, scaled by what rounds measured)."""
-        passes = 1.0 + sum(1.0 + (d * width - 1) / 8 for d in range(1, depth))
+        (1 + (n - 1) / 8) one-token passes, scaled by what rounds measured); a chain (width
+        1) is drafted by one-token passes, one per level."""
+        grow = 0.0 if width == 1 else 1 / 8
+        passes = 1.0 + sum(1.0 + (d * width - 1) * grow for d in range(1, depth))
         return self.draft_scale * self.draft_per_token * passes if depth else 0.0
 
     def rate(self, width: int, depth: int) -> float:
@@ -155,6 +160,7 @@ class AdaptiveTree(TreePolicy):
         n: int,
         t_draft: float,
         t_round: float = 0.0,
+        first_run: int | None = None,
     ) -> None:
         if self.learn_costs:
             self.verify.add(n, t_verify)
@@ -163,8 +169,16 @@ class AdaptiveTree(TreePolicy):
             if model > 0 and t_draft > 0:
                 self.draft_scale = 0.8 * self.draft_scale + 0.2 * t_draft / model
         if shape.depth > 0 and shape.width in self.acc:
-            acc, prop = self.acc[shape.width], self.prop[shape.width]
-            acc *= self.decay
-            prop *= self.decay
-            prop[: min(shape.depth, n_accepted + 1)] += 1
-            acc[:n_accepted] += 1
+            self._count(shape.width, shape.depth, n_accepted)
+        # a wider tree's first draws form a chain: what it passed is width 1's acceptance
+        # (else width 1 keeps its prior while wider trees are chosen, and is never tried)
+        if shape.depth > 0 and shape.width > 1 and first_run is not None and 1 in self.acc:
+            self._count(1, shape.depth, first_run)
+
+    def _count(self, width: int, depth: int, n_accepted: int) -> None:
+        """Decayed counts of width's trees: depths reached and depths accepted."""
+        acc, prop = self.acc[width], self.prop[width]
+        acc *= self.decay
+        prop *= self.decay
+        prop[: min(depth, n_accepted + 1)] += 1
+        acc[:n_accepted] += 1
