@@ -118,7 +118,7 @@ def _tree_system(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> l
         why = "no draft model" if setup.draft is None else f"{setup.target.name}: no tree"
         skipped.append({"name": name, "reason": why})
         return []
-    policy = tree_policy(ns.draft_tree, 16) or tree_policy("auto", 16)  # (as the chain's K)
+    policy = tree_policy(ns.draft_tree) or tree_policy("auto")
     engine = SpeculativeEngine(setup.target, [DraftModelProposer(setup.draft)], policy=policy)
     return [EngineSystem(name, "specsplit-local", engine, f"{setup.draft_name} tree")]
 

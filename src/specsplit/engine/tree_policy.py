@@ -58,7 +58,7 @@ def parse_tree(text: str) -> tuple[int, int] | None:
     return w, d
 
 
-def tree_policy(text: str, k_max: int = 12) -> TreePolicy | None:
+def tree_policy(text: str, k_max: int = 16) -> TreePolicy | None:
     """The policy of ``--draft-tree``: None for off (chains), else fixed or adaptive."""
     if text == "off":
         return None
@@ -82,7 +82,7 @@ class AdaptiveTree(TreePolicy):
 
     def __init__(
         self,
-        k_max: int = 12,
+        k_max: int = 16,  # (the chains' K limit in SpeculativeEngine and the faces)
         widths: tuple[int, ...] = (1, 2, 3, 4),
         prior_alpha: float = 0.7,
         prior_weight: float = 2.0,

@@ -31,7 +31,7 @@ DraftSpec = str | Backend | Proposer | None
 def draft_tree_policy(tree: str, k: int | None) -> TreePolicy | None:
     """The policy of ``tree`` (off: None, the chain's K policy decides). A fixed K with a tree
     is refused: the tree's shape sets how far it drafts, so the K would be ignored."""
-    policy = tree_policy(tree, 16)
+    policy = tree_policy(tree)
     if policy is not None and k is not None:
         raise ConfigError(
             f"--k {k} sets a chain's length; with --draft-tree {tree} the tree's shape sets it "
