@@ -332,17 +332,32 @@ class Recording(LocalVerifier):
         return super().submit(drafts, version, pipelined)
 
 
+class PrepareNoted(DraftModelProposer):
+    """A draft model that notes when it prefills the prompt."""
+
+    def __init__(self, backend, events: list) -> None:  # noqa: ANN001
+        super().__init__(backend)
+        self.events = events
+
+    def prepare(self, context: Sequence[int]) -> None:
+        self.events.append("drafter prefill")
+        super().prepare(context)
+
+
 @pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED])
 def test_the_first_token_does_not_wait_for_a_round(sampling, models, tok):
     events: list = []
-    loop = DecodeLoop(Recording(_target(models, tok), events), [_draft(models, tok)], FixedK(3))
+    drafter = PrepareNoted(TorchBackend(models[1], tok), events)
+    loop = DecodeLoop(Recording(_target(models, tok), events), [drafter], FixedK(3))
     req = GenerationRequest(PROMPT, 24, sampling, seed=3)
     chunks = []
     for chunk in loop.stream(req):
         events.append(("chunk", chunk.token_ids))
         chunks.append(chunk)
     first = chunks[0]
-    assert events[0] == ("chunk", first.token_ids) and len(first.token_ids) == 1
+    # a local target: the drafter prefills the prompt once the first token is out
+    assert events[:3] == [("chunk", first.token_ids), "drafter prefill", "round"]
+    assert len(first.token_ids) == 1
     assert first.origins == ["target"] and first.stats.t_first_token < first.stats.t_total
     plain = SpeculativeEngine(_target(models, tok)).generate(req)  # the target alone
     assert chunks[-1].result.token_ids[0] == plain.token_ids[0]

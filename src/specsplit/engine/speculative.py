@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -165,8 +165,10 @@ class DecodeLoop:
         self._since_ahead = 0
         self._ahead_paused = 0  # rounds left without drafting ahead (after a dropped round)
         # drafters prefill the prompt in a thread while the target prefills it (True), or
-        # after the target's first token is out (False)
-        self.prefill_beside = True
+        # after the target's first token is out (False): beside a remote target (another
+        # machine prefills), after a local one (on a few cores the two passes share them, and
+        # the first token would wait for both)
+        self.prefill_beside = verifier.remote
         # drafting ahead needs one chain (a tree's bonus has no single guess)
         self.pipeline = (
             (verifier.pipelines if pipeline is None else pipeline)
@@ -349,9 +351,8 @@ class DecodeLoop:
         try:
             run.context, version = prompt + run.out, 0
             # a resumed request (resume_ids) goes on as the lost one would have: no prefill token
-            first = self._open(run.context, req.params, seed, first=not req.resume_ids)
+            first, prepare = self._open(run.context, req.params, seed, first=not req.resume_ids)
             run.n_ctx = self.verifier.n_ctx
-            stats.t_prefill = time.perf_counter() - t_arrival
             if isinstance(self.policy, AdaptiveK | AdaptiveTree) and not self.policy.verify.shape:
                 self.policy.verify.shape.update(self.verifier.cost_shape)
             if first is not None:  # the prefill's token: a round without drafts
@@ -360,6 +361,9 @@ class DecodeLoop:
                 chunk = run.take([first], ["target"], 0, 0)
                 if chunk is not None:
                     yield chunk
+            if prepare is not None:  # the drafters' prompt prefill, once the first token is out
+                prepare()
+            stats.t_prefill = time.perf_counter() - t_arrival  # (both models ready to go on)
             ahead: _InFlight | None = None
             while run.finish is None:
                 budget = req.max_new_tokens - len(run.out)
@@ -428,20 +432,19 @@ class DecodeLoop:
 
     def _open(
         self, context: list[int], params: SamplingParams, seed: int, first: bool
-    ) -> int | None:
-        """Open the session, the drafters' prompt prefill running beside the target's (both
-        release the GIL in their passes); the first token, from the target's prefill."""
+    ) -> tuple[int | None, Callable[[], None] | None]:
+        """Open the session: the first token, from the target's prefill, and the drafters'
+        prompt prefill still to run (None: done, beside the target's; both release the GIL
+        in their passes)."""
         prepare = [p for p in self.proposers if p.prepares]
         if not prepare or not self.prefill_beside:
             token = self.verifier.open(context, params, seed, first=first)
-            for p in prepare:
-                p.prepare(context)
-            return token
+            return token, (lambda: [p.prepare(context) for p in prepare]) if prepare else None
         with ThreadPoolExecutor(1) as pool:
             done = pool.submit(lambda: [p.prepare(context) for p in prepare])
             token = self.verifier.open(context, params, seed, first=first)
             done.result()
-        return token
+        return token, None
 
     def _update_tree(
         self, cur: _InFlight, outcome: Outcome, per_token: float, t_round: float
