@@ -361,6 +361,25 @@ def _overall_table(doc: dict) -> list[str]:
     return _table(header, rows)
 
 
+def limit_by_category_table(doc: dict) -> list[str]:
+    """Per category and system: the measured speedup after the prefill, the physical limit
+    at the best fixed K (or tree depth), and their ratio (the policy's share of the limit)."""
+    by_cat = doc.get("physical_limit_by_category") or {}
+    cats = {**dict(sorted(by_cat.items())), "overall": doc.get("physical_limit") or {}}
+    names = [s["name"] for s in _systems(doc) if any(s["name"] in v for v in cats.values())]
+    if not names:
+        return []
+
+    def cell(lim: dict | None) -> str:
+        if not lim or lim.get("measured_speedup") is None:
+            return DASH
+        m, best = lim["measured_speedup"], lim["best_k_limit_speedup"]
+        return f"{m:.2f}x / {best:.2f}x (K {lim['best_k']}) = {m / best:.2f}"
+
+    rows = [[c] + [cell(cats[c].get(n)) for n in names] for c in cats]
+    return _table(["category", *names], rows)
+
+
 def _category_table(doc: dict) -> list[str]:
     names = [s["name"] for s in _systems(doc) if s["name"] != _baseline(doc)]
     cats = {**dict(sorted(_per_category(doc).items())), "overall": _overall(doc)}
@@ -449,6 +468,24 @@ def _doc_section(doc: dict) -> list[str]:
     ]  # fmt: skip
     if limits := physical_limit_lines(doc):
         out += ["### Physical limit", "", *[f"- {line}" for line in limits], ""]
+    if table := limit_by_category_table(doc):
+        fit = doc.get("pass_cost_fit")
+        priced = (
+            f"a pass priced at {1000 * fit['s_per_pass']:.0f} ms + "
+            f"{1000 * fit['s_per_token']:.1f} ms per token it verifies (fitted over this run's "
+            "local systems)"
+            if fit
+            else "a pass priced as measured"
+        )
+        out += [
+            "### The policy against its limit, by category",
+            "",
+            "Measured speedup after the prefill / physical limit at the best fixed K (tree: "
+            f"depth) = their ratio; {priced}.",
+            "",
+            *table,
+            "",
+        ]
     if ref := reference_line(doc.get("llama_bench")):
         out += ["### Reference: llama-bench", "", ref, "", f"`{doc['llama_bench']['command']}`", ""]
     if skipped := doc.get("skipped"):

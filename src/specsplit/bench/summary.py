@@ -110,20 +110,52 @@ def _decode_rate(rows: list[dict], start: str) -> float | None:
     return n / t if n and t > 0 else None
 
 
-def physical_limit(records: list[dict], system: str, baseline: str) -> dict | None:
+def pass_cost_fit(records: list[dict], systems: list[str]) -> tuple[float, float] | None:
+    """Seconds per target pass as a + b * (tokens in the pass), fitted by least squares over
+    every prompt of the given (local) systems: verify_s = a * passes + b * (passes +
+    proposed). On a CPU a pass's cost grows with its tokens (compute-bound), so a fixed K's
+    pass is priced at its own size, not at the mean size of the passes the policy chose.
+    None when the rows do not pin both (one pass size only)."""
+    rows = [
+        r["results"][s] for r in records for s in systems if s in r["results"]
+    ]  # (each prompt's run of each system)
+    x = np.array(
+        [
+            [r["target_passes"], r["target_passes"] + r["proposed"]]
+            for r in rows
+            if r.get("target_passes")
+        ],
+        dtype=float,
+    )  # [rows, 2] passes, tokens verified
+    y = np.array([r["verify_s"] for r in rows if r.get("target_passes")], dtype=float)  # [rows]
+    if len(x) < 2 or np.linalg.matrix_rank(x) < 2:
+        return None
+    (a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return (float(a), float(b)) if a > 0 and b >= 0 else None
+
+
+def physical_limit(
+    records: list[dict],
+    system: str,
+    baseline: str,
+    pass_cost: tuple[float, float] | None = None,
+) -> dict | None:
     """The speedup ideal speculation would give for this system's measured acceptance and
     costs: expected tokens per round over the round's cost, against the baseline's
     measured time per decoded token. Pooled over every run; None without draft tokens.
 
     - at the K it chose: the rounds it ran, with nothing but drafting and verifying;
-    - at the best fixed K: max over K of E(K) / (K * draft s/token + pass s), E(K) = 1 +
-      sum_{i<=K} prod_{j<=i} a_j, the pass cost as measured (memory-bound passes cost
-      about the same for any K; compute-bound ones do not, so this is an upper bound);
+    - at the best fixed K: max over K of E(K) / (K * draft s/token + pass(K)), E(K) = 1 +
+      sum_{i<=K} prod_{j<=i} a_j; pass(K) = a + b * (K + 1) from ``pass_cost`` (the run's
+      fit, see ``pass_cost_fit``) plus this system's network and queue seconds per pass, or
+      without a fit the pass cost as measured for any K (an upper bound where passes are
+      compute-bound);
     - with free drafting: draft cost 0, the longest K measured.
     K = 0 (the target alone, 1.0x) is always a choice of the last two.
     For a tree system (tree[...]) K is the tree's depth and a_j the acceptance at depth j of
     the trees it drafted, so "best fixed K" is the best fixed depth at the widths it chose
-    (draft seconds per level as measured), not a search over widths.
+    (draft seconds per level and tree tokens per level as measured), not a search over
+    widths.
     The measured figure beside them is the pooled tokens/s after the prompt's prefill."""
     rows = [r["results"][system] for r in records if system in r["results"]]
     base = [r["results"][baseline] for r in records if baseline in r["results"]]
@@ -136,12 +168,20 @@ def physical_limit(records: list[dict], system: str, baseline: str) -> dict | No
     expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(alpha))])  # [K_max + 1] E(K)
     chosen = float(np.mean([expected[min(k, len(alpha))] for k in lengths]))
     per_draft = _sum(rows, "draft_s") / proposed
-    per_pass = (_sum(rows, "network_s") + _sum(rows, "verify_s") + _sum(rows, "queue_s")) / passes
+    overhead = (_sum(rows, "network_s") + _sum(rows, "queue_s")) / passes
+    per_pass = _sum(rows, "verify_s") / passes + overhead
     cost = _sum(rows, "draft_s") / passes + per_pass
     if per_pass <= 0:
         return None
-    ks = np.arange(len(expected))
-    rate = expected / (ks * per_draft + per_pass)  # [K_max + 1] tokens/s at a fixed K
+    ks = np.arange(len(expected))  # [K_max + 1]
+    # tokens a pass verifies per level of draft (1 for a chain, the tree's width for a tree)
+    per_level = max(1.0, proposed / max(1, sum(lengths)))
+    if pass_cost is not None:
+        a, b = pass_cost
+        pass_k = a + b * (1 + ks * per_level) + overhead  # [K_max + 1] s per pass at K
+    else:
+        pass_k = np.full(len(ks), per_pass)
+    rate = expected / (ks * per_draft * per_level + pass_k)  # [K_max + 1] tokens/s at K
     best = int(np.argmax(rate[1:])) + 1
     measured = _decode_rate(rows, "prefill_s")
     return {
@@ -151,22 +191,32 @@ def physical_limit(records: list[dict], system: str, baseline: str) -> dict | No
         "limit_speedup": chosen / cost / base_rate,
         "best_k": best,
         "best_k_limit_speedup": max(1.0, float(rate[best]) / base_rate),
-        "free_draft_limit_speedup": max(1.0, float(expected[-1]) / per_pass / base_rate),
+        "free_draft_limit_speedup": max(1.0, float(np.max(expected / pass_k)) / base_rate),
         "measured_speedup": measured / base_rate if measured else None,
+        "pass_cost_fitted": pass_cost is not None,
     }
 
 
 def refresh(doc: dict) -> dict:
-    """Summary and physical limits recomputed from a results document's per-prompt runs."""
+    """Summary and physical limits (overall and per category) recomputed from a results
+    document's per-prompt runs."""
     names = [s["name"] for s in doc["systems"]]
     base = doc["baseline"]
     doc["summary"] = summarise(doc["prompts"], names, base)
     # not for the edge: it drafts while a round is verified, on the server's CPU here, so its
     # draft and verify times overlap and add up to more than the wall time
-    limits = {
-        s["name"]: physical_limit(doc["prompts"], s["name"], base)
-        for s in doc["systems"]
-        if s["kind"] != "edge-cloud"
+    local = [s["name"] for s in doc["systems"] if s["kind"] in ("target", "specsplit-local")]
+    fit = pass_cost_fit(doc["prompts"], local)
+    limited = [s["name"] for s in doc["systems"] if s["kind"] != "edge-cloud"]
+
+    def limits(records: list[dict]) -> dict:
+        found = {n: physical_limit(records, n, base, fit) for n in limited}
+        return {k: v for k, v in found.items() if v is not None}
+
+    doc["physical_limit"] = limits(doc["prompts"])
+    doc["physical_limit_by_category"] = {
+        c: limits([r for r in doc["prompts"] if r["category"] == c])
+        for c in sorted({r["category"] for r in doc["prompts"]})
     }
-    doc["physical_limit"] = {k: v for k, v in limits.items() if v is not None}
+    doc["pass_cost_fit"] = None if fit is None else {"s_per_pass": fit[0], "s_per_token": fit[1]}
     return doc
