@@ -9,8 +9,8 @@ PY=${PY:-python3}
 TOOLS=$(PY=$PY bash scripts/build_llama_tools.sh)
 if [ "${SKIP_TORCH:-0}" != 1 ]; then
   $PY -m specsplit.faces.cli bench --target-backend torch --suite humaneval,spec-bench \
-    --humaneval-limit 10 --limit 3 --max-new-tokens 64 --rtt 20 --cloud-rtt 20 \
-    --hf assisted,prompt-lookup --clients 1,2,4,8 --out bench_runs/report_torch
+    --humaneval-limit 10 --limit 3 --max-new-tokens 128 --drafters model,tree,ngram --rtt 20 \
+    --cloud-rtt "" --hf assisted --out bench_runs/report_torch
 fi
 $PY -m specsplit.faces.cli bench --target-backend llama.cpp --suite humaneval,spec-bench \
   --humaneval-limit 20 --limit 5 --max-new-tokens 64 --drafters model,ngram --rtt 0,80 \
