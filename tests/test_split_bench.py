@@ -57,6 +57,9 @@ def test_capacity_rows_split_and_cloud_only(capacity_run):
             r["split"]["server_tokens_per_s"] / r["cloud_only"]["server_tokens_per_s"]
         )
         assert r["per_user_split_over_cloud_only"] > 0
+        # split's wall is at least its prefill: the bound is above the measured ratio
+        assert 0 < r["split"]["all_first_tokens_s"] <= r["split"]["wall_s"]
+        assert r["split_over_cloud_only_bound"] >= r["split_over_cloud_only"]
     assert set(res["split_over_cloud_only"]) == {"1", "2"}
     assert set(res["per_user_split_over_cloud_only"]) == {"1", "2"}
 
@@ -71,4 +74,5 @@ def test_capacity_batching_comparison(capacity_run):
         on["server_tokens_per_s"] / off["server_tokens_per_s"]
     )
     assert b["decode_phase_ratio_vs_max_batch=1"] > 0
+    assert b["bound_vs_max_batch=1"] >= b["ratio_vs_max_batch=1"]
     assert capacity_run["config"]["users"] == "1,2"

@@ -459,11 +459,15 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
 
 
 def _ratios(split: dict, cloud: dict) -> dict:
+    """Split against cloud-only, and the most split could gain end to end: both prefill the
+    same prompts on the server, so with decoding free split's wall would still be its time
+    until every user had a first token (Amdahl's bound)."""
     return {
         "split_over_cloud_only": split["server_tokens_per_s"] / cloud["server_tokens_per_s"],
         "per_user_split_over_cloud_only": (
             split["median_user_tokens_per_s"] / cloud["median_user_tokens_per_s"]
         ),
+        "split_over_cloud_only_bound": cloud["wall_s"] / split["all_first_tokens_s"],
     }
 
 
@@ -485,6 +489,8 @@ def _capacity_results(rows: list[dict], batching: dict, batches: list[int], ns) 
         out["batching"][f"decode_phase_ratio_vs_max_batch={b}"] = (
             on["decode_phase_tokens_per_s"] / off["decode_phase_tokens_per_s"]
         )
+        # (as for split against cloud-only: at best, a free decode after the prefill)
+        out["batching"][f"bound_vs_max_batch={b}"] = off["wall_s"] / on["all_first_tokens_s"]
     return out
 
 
@@ -504,15 +510,18 @@ def print_capacity(results: dict) -> None:
         print(
             f"{r['users']:>5} | {s['server_tokens_per_s']:.2f} ({s['median_user_tokens_per_s']:.2f})"
             f" | {c['server_tokens_per_s']:.2f} ({c['median_user_tokens_per_s']:.2f})"
-            f" | {r['split_over_cloud_only']:.2f}x (per user {r['per_user_split_over_cloud_only']:.2f}x)"
+            f" | {r['split_over_cloud_only']:.2f}x (per user {r['per_user_split_over_cloud_only']:.2f}x;"
+            f" at most {r['split_over_cloud_only_bound']:.2f}x with its prefill)"
         )
     b = results["batching"]
     for key, v in b.items():
         if key.startswith("ratio_vs_"):
             phase = b["decode_phase_" + key]
+            bound = b["bound_" + key[len("ratio_") :]]
             print(
                 f"batching at {b['clients']} clients, {key[len('ratio_vs_') :]} -> "
-                f"{v:.2f}x end to end ({phase:.2f}x decode phase)"
+                f"{v:.2f}x end to end ({phase:.2f}x decode phase; at most {bound:.2f}x with "
+                "its prefill)"
             )
 
 
@@ -576,6 +585,7 @@ def concurrent_clients(run_one, recs: list[dict], http_port: int | None, counter
         "median_user_tokens_per_s": statistics.median(user_tps),
         "user_tokens_per_s": user_tps,
         "decode_phase_tokens_per_s": decode_tokens / max(1e-9, t_end - t_all),
+        "all_first_tokens_s": t_all - t0,  # until every user had its first token (prefill)
         "tokens": tokens,
         "batched_passes": passes,
         "prefill_passes": after.get("prefill_passes_total", 0)
