@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 TOOLS=$(PY=$PY bash scripts/build_llama_tools.sh)
 if [ "${SKIP_TORCH:-0}" != 1 ]; then
-  $PY -m specsplit.faces.cli bench --target-backend torch --suite humaneval,spec-bench \
+  $PY -m specsplit.faces.cli bench --target-backend torch --dtype bfloat16 --suite humaneval,spec-bench \
     --humaneval-limit 10 --limit 3 --max-new-tokens 128 --drafters model,tree,ngram --rtt 20 \
     --cloud-rtt "" --hf assisted --out bench_runs/report_torch
 fi

@@ -6,7 +6,7 @@ PY=${PY:-python3}
 PORT=${PORT:-50051}
 PROMPT=${PROMPT:-"Write a Python function that checks whether a number is prime, with a docstring and two examples."}
 log=$(mktemp)
-$PY -m specsplit.faces.cli serve --target qwen2.5-coder-1.5b --port "$PORT" >"$log" 2>&1 &
+$PY -m specsplit.faces.cli serve --target qwen2.5-coder-1.5b --dtype auto --port "$PORT" >"$log" 2>&1 &
 server=$!
 trap 'kill $server 2>/dev/null || true; wait $server 2>/dev/null || true; rm -f "$log"' EXIT
 echo "starting the server (target qwen2.5-coder-1.5b on torch) on 127.0.0.1:$PORT ..." >&2

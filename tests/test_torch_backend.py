@@ -376,6 +376,34 @@ def test_float32_model_gives_float32_logits_and_eager_is_switched_to_sdpa() -> N
     np.testing.assert_allclose(out, no_cache(b.model, tokens(5)), atol=1e-5)
 
 
+def test_bfloat16_pass_over_a_draft_stays_within_the_tie_tolerance_of_one_token_passes() -> None:
+    """A bfloat16 target's logits depend on the pass's size; bench.ties calls a greedy
+    difference a near tie below this tolerance, so it must bound the real difference."""
+    from specsplit.bench.ties import tie_tolerance
+
+    b = TorchBackend(tiny_model(dtype=torch.bfloat16), ByteTokenizer(V))
+    seq = b.new_sequence()
+    b.forward(seq, tokens(20))
+    draft = tokens(8)
+    batched = b.forward(seq, draft)  # [8, V], one pass
+    b.truncate(seq, 20)
+    single = np.stack([b.forward(seq, [t])[-1] for t in draft])  # [8, V], 8 passes
+    assert batched.dtype == np.float32
+    assert np.abs(batched - single).max() < tie_tolerance({"backend": "torch", "dtype": "bfloat16"})
+
+
+def test_auto_dtype_is_bfloat16_on_cuda_and_on_amx_cpus(monkeypatch: pytest.MonkeyPatch) -> None:
+    from specsplit.backends import torch_backend
+    from specsplit.backends.load import load_backend
+
+    assert torch_backend.auto_dtype("cuda:0") == "bfloat16"
+    for amx, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert torch_backend.auto_dtype("cpu") == want
+    with pytest.raises(ConfigError, match="torch backend"):
+        load_backend("llama.cpp", "smollm2-135m", dtype="bfloat16")  # before any load
+
+
 def test_bad_input_raises(backend: TorchBackend) -> None:
     seq = backend.new_sequence()
     with pytest.raises(ConfigError):

@@ -73,6 +73,12 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--draft", default="qwen2.5-coder-0.5b", help="draft model")
     b.add_argument("--draft-backend", default="llama.cpp", choices=["torch", "llama.cpp", "numpy"])
     b.add_argument("--threads", type=int, default=None, help="threads of every model")
+    b.add_argument(
+        "--dtype",
+        default=None,
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="number type of a torch target and of the HF assistant (default float32)",
+    )
     b.add_argument("--k", default="auto", help="K of the specsplit systems: a number or auto")
     b.add_argument(
         "--drafters",
@@ -418,7 +424,11 @@ def run_bench(ns: argparse.Namespace, setup: Setup, prompts: list) -> dict:
         "command": _command(ns),
         "machine": _machine(),
         "config": {k: v for k, v in vars(ns).items() if k != "func"},
-        "target": {"name": ns.target, "backend": setup.target.name},
+        "target": {
+            "name": ns.target,
+            "backend": setup.target.name,
+            "dtype": _dtype_name(setup.target),
+        },
         "baseline": "target",
         "systems": [s.describe() for s in systems],
         "skipped": skipped,
@@ -556,6 +566,13 @@ def _server(ns: argparse.Namespace, out: Path) -> Iterator[tuple | None]:
         stop_server(proc)
 
 
+def _dtype_name(backend) -> str | None:  # noqa: ANN001 - a Backend
+    """A torch backend's number type ("bfloat16"); None for the others (their GGUF's)."""
+    model = getattr(backend, "model", None)
+    dtype = getattr(model, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else None
+
+
 def cmd_bench(ns: argparse.Namespace) -> int:
     from specsplit import registry
     from specsplit.backends.load import load_backend
@@ -574,7 +591,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
     target = load(
         f"target {ns.target} ({ns.target_backend})",
-        lambda: load_backend(ns.target_backend, ns.target, threads=ns.threads, n_ctx=4096),
+        lambda: load_backend(
+            ns.target_backend, ns.target, threads=ns.threads, n_ctx=4096, dtype=ns.dtype
+        ),
     )
     draft = load(
         f"draft {ns.draft} ({ns.draft_backend})",
@@ -586,7 +605,9 @@ def cmd_bench(ns: argparse.Namespace) -> int:
 
         assistant = load(
             f"HF assistant {ns.draft} (torch)",
-            lambda: TorchBackend.load(ns.draft, threads=ns.threads).model,
+            lambda: (
+                TorchBackend.load(ns.draft, threads=ns.threads, dtype=ns.dtype or "float32").model
+            ),
         )
     gguf = draft_gguf = None
     if ns.target_backend == "llama.cpp" or ns.llama_speculative or ns.llama_bench:

@@ -74,7 +74,8 @@ def _tps(doc: dict, name: str) -> float | None:
 
 def _title(doc: dict) -> str:
     t = doc.get("target", {})
-    return f"target: {t.get('name', '?')} ({t.get('backend', '?')})"
+    kind = ", ".join(x for x in (t.get("backend", "?"), t.get("dtype")) if x)
+    return f"target: {t.get('name', '?')} ({kind})"
 
 
 # ---- formatting ----

@@ -64,7 +64,17 @@ def start_server(
 
 def serve_args(ns: argparse.Namespace, *extra: str) -> list[str]:
     """`specsplit serve` flags for the benchmark's target, no rate limit, then extra."""
-    return ["--target", ns.target, "--target-backend", ns.target_backend, "--rate", "0", *extra]
+    dtype = ["--dtype", ns.dtype] if getattr(ns, "dtype", None) else []
+    return [
+        "--target",
+        ns.target,
+        "--target-backend",
+        ns.target_backend,
+        *dtype,
+        "--rate",
+        "0",
+        *extra,
+    ]
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -126,7 +136,9 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
     if ns.pin:
         os.sched_setaffinity(0, {1})
     try:
-        target = load_backend(ns.target_backend, ns.target, n_ctx=4096, threads=threads)
+        target = load_backend(
+            ns.target_backend, ns.target, n_ctx=4096, threads=threads, dtype=ns.dtype
+        )
         draft = load_backend(ns.draft_backend, ns.draft, n_ctx=4096, threads=threads)
         local = SpeculativeEngine(target)
         spec = SpeculativeEngine(target, [DraftModelProposer(draft)])  # specsplit local
@@ -309,7 +321,7 @@ def record_drafts(ns: argparse.Namespace) -> list[dict]:
     path = Path(ns.out) / "recorded_drafts.json"
     if path.exists():
         return json.loads(path.read_text())
-    target = load_backend(ns.target_backend, ns.target, n_ctx=4096)
+    target = load_backend(ns.target_backend, ns.target, n_ctx=4096, dtype=ns.dtype)
     draft = DraftModelProposer(load_backend(ns.draft_backend, ns.draft, n_ctx=4096))
     prompts = prompts_of(ns)[: ns.clients]
     out = []
@@ -403,7 +415,7 @@ def tokenizer_of(ns: argparse.Namespace):  # noqa: ANN201
 
     if ns.target in MODELS or ns.target.endswith(".gguf"):
         return load_tokenizer(ns.target)
-    target = load_backend(ns.target_backend, ns.target)
+    target = load_backend(ns.target_backend, ns.target, dtype=ns.dtype)
     target.close()
     return target.tokenizer
 
@@ -664,6 +676,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--target", default="qwen2.5-coder-1.5b")
         p.add_argument("--target-backend", default="torch")
+        p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
         p.add_argument("--draft", default="qwen2.5-coder-0.5b")
         p.add_argument("--draft-backend", default="llama.cpp")
         p.add_argument("--suite", default="humaneval", choices=("humaneval", "spec-bench"))

@@ -75,6 +75,7 @@ class SpeculativeDecoder:
         target_backend: str = DEFAULT_TARGET_BACKEND,
         draft_backend: str = DEFAULT_DRAFT_BACKEND,
         device: str = "cpu",
+        dtype: str | None = None,
         draft_device: str = "cpu",
         target_threads: int | None = None,
         draft_threads: int | None = None,
@@ -84,12 +85,18 @@ class SpeculativeDecoder:
         warm_up: bool = True,
         tree: str = "off",
     ) -> None:
-        """``tree``: one drafter's token tree per round: off, auto or WIDTHxDEPTH."""
+        """``tree``: one drafter's token tree per round: off, auto or WIDTHxDEPTH; ``dtype``:
+        a torch target's number type (float32 by default)."""
         self.target = (
             target
             if isinstance(target, Backend)
             else load_backend(
-                target_backend, target, device=device, threads=target_threads, n_ctx=n_ctx
+                target_backend,
+                target,
+                device=device,
+                threads=target_threads,
+                n_ctx=n_ctx,
+                dtype=dtype,
             )
         )
         drafts = draft if isinstance(draft, list | tuple) else [draft]

@@ -53,6 +53,7 @@ def cmd_generate(ns: argparse.Namespace) -> int:
         target_backend=s.target_backend,
         draft_backend=s.draft_backend,
         device=s.device,
+        dtype=s.dtype,
         draft_device=s.draft_device,
         target_threads=s.target_threads,
         draft_threads=s.draft_threads,

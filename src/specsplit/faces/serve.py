@@ -35,6 +35,13 @@ class ServeSettings:
     target: str = _f("qwen2.5-coder-1.5b", "target model: a registry name, .gguf path or folder")
     target_backend: str = _f("torch", "backend of the target", choices=("torch", "llama.cpp"))
     device: str = _f("cpu", "device of the target: cpu, cuda, cuda:N")
+    dtype: str | None = _f(
+        None,
+        "number type of a torch target: float32 (default), bfloat16, float16, or auto: "
+        "bfloat16 on CUDA and on CPUs with AMX (there a pass over 8 tokens costs what one "
+        "token's does), else float32",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
     threads: int | None = _f(None, "CPU threads for the target (default: all cores)", type=int)
     n_ctx: int = _f(4096, "context length per session", type=int)
     host: str = _f("127.0.0.1", "address to listen on (0.0.0.0: every interface)")
@@ -204,7 +211,9 @@ def build_server(
             gpu_layers=-1 if s.device.startswith("cuda") else 0,
         )
     else:
-        target = load_backend("torch", s.target, device=s.device, threads=s.threads, n_ctx=s.n_ctx)
+        target = load_backend(
+            "torch", s.target, device=s.device, threads=s.threads, n_ctx=s.n_ctx, dtype=s.dtype
+        )
     if s.draft == "none":
         make = list
     elif s.draft == "ngram":
