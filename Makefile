@@ -27,7 +27,7 @@ demo: setup  ## a server with the target and an edge client on loopback, text st
 	PY=$(PY) PROMPT="$(PROMPT)" bash scripts/demo.sh
 
 demo-local:  ## the same on one process (no server)
-	$(PY) -m specsplit.faces.cli generate "$(PROMPT)" --max-new-tokens 128
+	$(PY) -m specsplit.faces.cli generate "$(PROMPT)" --dtype auto --max-new-tokens 128
 
 test: setup  ## unit, exactness and integration tests (SmolLM2-135M); slow ones excluded
 	$(PY) -m pytest -q

@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="costs", description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="qwen2.5-coder-1.5b")
     ap.add_argument("--target-backend", default="torch")
+    ap.add_argument("--dtype", default=None, help="a torch target's number type (float32)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batch", default="1,2,4,8,16")
     ap.add_argument("--tokens", default="1,3,5,9")
@@ -65,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [int(x) for x in ns.tokens.split(",")]
     doc: dict = {"config": vars(ns), "load_before": os.getloadavg(), "passes": {}}
     for threads in (int(x) for x in ns.threads.split(",")):
-        target = load_backend(ns.target_backend, ns.target, threads=threads, n_ctx=4096)
+        target = load_backend(
+            ns.target_backend, ns.target, threads=threads, n_ctx=4096, dtype=ns.dtype
+        )
         doc["kv_bytes_per_token"] = target.kv_bytes_per_token()
         model = getattr(target, "model", None)
         if model is not None:

@@ -269,6 +269,7 @@ RESUME_KEYS = (
     "draft_backend",
     "threads",
     "k",
+    "dtype",
 )
 
 
