@@ -4,6 +4,7 @@ verifier's draft limit and the context left."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
 
@@ -342,6 +343,43 @@ class PrepareNoted(DraftModelProposer):
     def prepare(self, context: Sequence[int]) -> None:
         self.events.append("drafter prefill")
         super().prepare(context)
+
+
+class Gated(PrepareNoted):
+    """A draft model whose prompt prefill waits for a gate (and notes whether it opened)."""
+
+    def __init__(self, backend, events: list, gate: threading.Event) -> None:  # noqa: ANN001
+        super().__init__(backend, events)
+        self.gate = gate
+
+    def prepare(self, context: Sequence[int]) -> None:
+        self.events.append(("gate open", self.gate.wait(10)))
+        super().prepare(context)
+
+
+def test_beside_a_remote_target_the_first_token_does_not_wait_for_the_drafters(models, tok):
+    events: list = []
+    gate = threading.Event()
+    drafter = Gated(TorchBackend(models[1], tok), events, gate)
+    loop = DecodeLoop(Recording(_target(models, tok), events), [drafter], FixedK(3))
+    loop.prefill_beside = True  # as beside a remote target: the drafter prefills in a thread
+    req = GenerationRequest(PROMPT, 24, SamplingParams(), seed=3)
+    stream = loop.stream(req)
+    first = next(stream)  # out while the drafter's prefill still waits at its gate
+    assert len(first.token_ids) == 1 and "drafter prefill" not in events
+    gate.set()
+    rest = list(stream)
+    assert events.index(("gate open", True)) < events.index("round")
+    plain = SpeculativeEngine(_target(models, tok)).generate(req)
+    assert rest[-1].result.token_ids == plain.token_ids
+    # a caller that stops at the first token: the drafter's thread is done when it returns
+    gate.clear()
+    events.clear()
+    stream = loop.stream(req)
+    next(stream)
+    threading.Timer(0.2, gate.set).start()
+    stream.close()
+    assert events[-1] == "drafter prefill"
 
 
 @pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED])

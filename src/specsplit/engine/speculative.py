@@ -18,7 +18,8 @@ from __future__ import annotations
 import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import dataclass, field
 
 from specsplit.backends.base import Backend, Tokenizer
@@ -348,10 +349,12 @@ class DecodeLoop:
         stats = run.stats
         per_token = sum(p.cost_per_token for p in self.proposers)
         sent0, received0 = self.verifier.traffic()  # this request's bytes only
+        unjoined: Callable[[], object] | None = None
         try:
             run.context, version = prompt + run.out, 0
             # a resumed request (resume_ids) goes on as the lost one would have: no prefill token
             first, prepare = self._open(run.context, req.params, seed, first=not req.resume_ids)
+            unjoined = prepare if self.prefill_beside else None  # a drafter thread running
             run.n_ctx = self.verifier.n_ctx
             if isinstance(self.policy, AdaptiveK | AdaptiveTree) and not self.policy.verify.shape:
                 self.policy.verify.shape.update(self.verifier.cost_shape)
@@ -362,6 +365,7 @@ class DecodeLoop:
                 if chunk is not None:
                     yield chunk
             if prepare is not None:  # the drafters' prompt prefill, once the first token is out
+                unjoined = None
                 prepare()
             stats.t_prefill = time.perf_counter() - t_arrival  # (both models ready to go on)
             ahead: _InFlight | None = None
@@ -428,23 +432,33 @@ class DecodeLoop:
             stats.bytes_sent, stats.bytes_received = sent - sent0, received - received0
             yield run.last()
         finally:
+            if unjoined is not None:  # stopped at the first token: the drafters finish first
+                with suppress(Exception):
+                    unjoined()
             self.verifier.close()
 
     def _open(
         self, context: list[int], params: SamplingParams, seed: int, first: bool
-    ) -> tuple[int | None, Callable[[], None] | None]:
-        """Open the session: the first token, from the target's prefill, and the drafters'
-        prompt prefill still to run (None: done, beside the target's; both release the GIL
-        in their passes)."""
+    ) -> tuple[int | None, Callable[[], object] | None]:
+        """Open the session: the first token, from the target's prefill, and a callable that
+        runs the drafters' prompt prefill (after a local target) or joins the thread running
+        it beside a remote target's (both release the GIL in their passes); None: no drafter
+        prefills."""
         prepare = [p for p in self.proposers if p.prepares]
         if not prepare or not self.prefill_beside:
             token = self.verifier.open(context, params, seed, first=first)
             return token, (lambda: [p.prepare(context) for p in prepare]) if prepare else None
-        with ThreadPoolExecutor(1) as pool:
-            done = pool.submit(lambda: [p.prepare(context) for p in prepare])
+        # beside a remote target: the drafters prefill in a thread while the server does, and
+        # the first token is out as soon as the server's is (the callable joins the thread)
+        pool = ThreadPoolExecutor(1)
+        done = pool.submit(lambda: [p.prepare(context) for p in prepare])
+        pool.shutdown(wait=False)
+        try:
             token = self.verifier.open(context, params, seed, first=first)
-            done.result()
-        return token, None
+        except BaseException:
+            wait([done])  # the drafters are idle again before the error leaves
+            raise
+        return token, done.result
 
     def _update_tree(
         self, cur: _InFlight, outcome: Outcome, per_token: float, t_round: float
