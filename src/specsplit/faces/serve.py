@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from specsplit.errors import ConfigError
-from specsplit.faces.settings import _f, add_arguments, from_namespace
+from specsplit.faces.settings import _f, add_arguments, dtype_field, from_namespace
 
 SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 
@@ -35,13 +35,7 @@ class ServeSettings:
     target: str = _f("qwen2.5-coder-1.5b", "target model: a registry name, .gguf path or folder")
     target_backend: str = _f("torch", "backend of the target", choices=("torch", "llama.cpp"))
     device: str = _f("cpu", "device of the target: cpu, cuda, cuda:N")
-    dtype: str | None = _f(
-        None,
-        "number type of a torch target: float32 (default), bfloat16, float16, or auto: "
-        "bfloat16 on CUDA and on CPUs with AMX (there a pass over 8 tokens costs what one "
-        "token's does), else float32",
-        choices=("auto", "float32", "bfloat16", "float16"),
-    )
+    dtype: str | None = dtype_field()
     threads: int | None = _f(None, "CPU threads for the target (default: all cores)", type=int)
     n_ctx: int = _f(4096, "context length per session", type=int)
     host: str = _f("127.0.0.1", "address to listen on (0.0.0.0: every interface)")

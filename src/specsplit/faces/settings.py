@@ -17,6 +17,17 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+def dtype_field() -> Any:
+    """The --dtype setting of a torch target (generate and serve)."""
+    return _f(
+        None,
+        "number type of a torch target: float32 (default), bfloat16, float16, or auto: "
+        "bfloat16 on CUDA and on CPUs with AMX (there a pass over 8 tokens costs what one "
+        "token's does), else float32",
+        choices=("auto", "float32", "bfloat16", "float16"),
+    )
+
+
 @dataclass
 class GenerateSettings:
     """Everything `specsplit generate` accepts besides the prompt."""
@@ -34,13 +45,7 @@ class GenerateSettings:
     target_backend: str = _f("torch", "backend of the target", choices=BACKENDS)
     draft_backend: str = _f("llama.cpp", "backend of draft models", choices=BACKENDS)
     device: str = _f("cpu", "device of the target: cpu, cuda, cuda:N")
-    dtype: str | None = _f(
-        None,
-        "number type of a torch target: float32 (default), bfloat16, float16, or auto: "
-        "bfloat16 on CUDA and on CPUs with AMX (there a pass over 8 tokens costs what one "
-        "token's does), else float32",
-        choices=("auto", "float32", "bfloat16", "float16"),
-    )
+    dtype: str | None = dtype_field()
     draft_device: str = _f("cpu", "device of draft models: cpu, cuda, cuda:N")
     target_threads: int | None = _f(
         None, "CPU threads for the target (default: all cores)", type=int
