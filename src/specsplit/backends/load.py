@@ -6,6 +6,8 @@ from specsplit.backends.base import Backend
 from specsplit.errors import ConfigError
 
 BACKENDS = ("torch", "llama.cpp", "numpy")
+# a torch model's number type; auto: bfloat16 on CUDA and on CPUs with AMX, else float32
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def check_device(device: str) -> str:

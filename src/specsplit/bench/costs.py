@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from specsplit.backends.load import DTYPES
+
 
 def measure(target, batch: list[int], tokens: list[int], context: int, repeats: int) -> list:  # noqa: ANN001
     """[(B, T, seconds)] for one batched pass of T new tokens in each of B sessions."""
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="costs", description=__doc__.split("\n")[0])
     ap.add_argument("--target", default="qwen2.5-coder-1.5b")
     ap.add_argument("--target-backend", default="torch")
-    ap.add_argument("--dtype", default=None, help="a torch target's number type (float32)")
+    ap.add_argument("--dtype", default=None, choices=DTYPES, help="a torch target's (float32)")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--batch", default="1,2,4,8,16")
     ap.add_argument("--tokens", default="1,3,5,9")

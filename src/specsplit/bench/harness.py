@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specsplit.backends.load import DTYPES
 from specsplit.bench.prompts import csv_list, load_prompts
 from specsplit.bench.summary import refresh, spread
 from specsplit.bench.systems import (
@@ -76,7 +77,7 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     b.add_argument(
         "--dtype",
         default=None,
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=DTYPES,
         help="number type of a torch target and of the HF assistant (default float32)",
     )
     b.add_argument("--k", default="auto", help="K of the specsplit systems: a number or auto")

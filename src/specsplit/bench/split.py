@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specsplit.backends.load import DTYPES
 from specsplit.proposers.base import Draft, Proposer
 
 
@@ -676,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name)
         p.add_argument("--target", default="qwen2.5-coder-1.5b")
         p.add_argument("--target-backend", default="torch")
-        p.add_argument("--dtype", default=None, choices=("auto", "float32", "bfloat16", "float16"))
+        p.add_argument("--dtype", default=None, choices=DTYPES)
         p.add_argument("--draft", default="qwen2.5-coder-0.5b")
         p.add_argument("--draft-backend", default="llama.cpp")
         p.add_argument("--suite", default="humaneval", choices=("humaneval", "spec-bench"))

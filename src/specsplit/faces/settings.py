@@ -9,7 +9,7 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
-from specsplit.backends.load import BACKENDS
+from specsplit.backends.load import BACKENDS, DTYPES
 from specsplit.errors import ConfigError
 
 
@@ -24,7 +24,7 @@ def dtype_field() -> Any:
         "number type of a torch target: float32 (default), bfloat16, float16, or auto: "
         "bfloat16 on CUDA and on CPUs with AMX (there a pass over 8 tokens costs what one "
         "token's does), else float32",
-        choices=("auto", "float32", "bfloat16", "float16"),
+        choices=DTYPES,
     )
 
 
