@@ -5,21 +5,21 @@ PROMPT ?= Write a Python function that checks whether a number is prime, with a 
 
 .PHONY: setup demo demo-local test test-slow lint bench llama-tools
 
-# llama.cpp built for any x86-64 with AVX2 (a -march=native build with AMX kernels crashes
-# where the kernel does not grant AMX state); rebuilt only if the installed one is not this
-LLAMA_CMAKE = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+# llama.cpp built for this machine's CPU: AVX-512 where it has it, else AVX2, never AMX
+# (scripts/llama_cpu.py says why); rebuilt only if the installed one is not this build
+LLAMA_VARIANT := $(shell $(PY) scripts/llama_cpu.py variant)
+LLAMA_CMAKE := $(shell $(PY) scripts/llama_cpu.py cmake)
 
-# the portable llama-cpp-python wheel, built once (about 8 minutes) and kept here, so a fresh
+# the llama-cpp-python wheel, built once (about 8 minutes) and kept here, so a fresh
 # virtual environment (an edge-only install, tests/test_install.py) installs it without a build
-WHEELS = build/wheels
+WHEELS = build/wheels/$(LLAMA_VARIANT)
 LLAMA_WHEEL = $(WHEELS)/llama_cpp_python-0.3.36-*.whl
 
 setup:  ## install everything (the pinned CPU torch first, so no CUDA build is pulled)
 	$(PIP) install -q torch==2.13.0
 	ls $(LLAMA_WHEEL) >/dev/null 2>&1 || CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="$(LLAMA_CMAKE)" \
 		$(PIP) wheel -q --no-cache-dir --no-deps -w $(WHEELS) llama-cpp-python==0.3.36
-	$(PY) scripts/llama_cpp_ok.py || $(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEEL)
+	$(PY) scripts/llama_cpu.py check || $(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEEL)
 	$(PIP) install -q -e ".[all,dev]"
 
 demo: setup  ## a server with the target and an edge client on loopback, text streaming

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from specsplit.backends.byte_tokenizer import ByteTokenizer
@@ -77,6 +78,41 @@ def test_adaptive_k_does_not_probe_when_even_full_acceptance_cannot_pay():
     p = _policy({1: 0.03, 5: 0.2}, 0.05, 0.5)
     p.probe_every = 2
     assert [p.choose(10) for _ in range(6)] == [0] * 6
+
+
+def _rounds(p: AdaptiveK, alphas: list[float], n: int, rng: np.random.Generator) -> float:
+    """n rounds whose draft tokens pass with conditional probabilities alphas; tokens per
+    second under the policy's own (fixed) costs."""
+    tokens = seconds = 0.0
+    for _ in range(n):
+        k = p.choose(12)
+        a = 0
+        while a < k and rng.random() < alphas[a]:
+            a += 1
+        p.update(k, a, p.verify(k + 1), k + 1, p.draft_per_token)
+        tokens += a + 1
+        seconds += p.draft_per_token * k + p.verify(k + 1)
+    return tokens / seconds
+
+
+def test_adaptive_k_relearns_acceptance_when_a_new_text_begins():
+    # after a long request the drafter predicted well (code), a chat request it predicts
+    # worse: within its 40 rounds the policy gets within 10% of the best fixed K there
+    # (carrying every earlier count at full weight, it stays at long K: 0.69x in this setup)
+    code, chat = [0.97] * 12, [0.62, 0.88, 0.82, 0.5, 0.55, 0.8, 0.25, 0.5, 0.5, 0.3, 0.3, 0.3]
+    rates = []
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        p = AdaptiveK(k_max=12, learn_costs=False)
+        p.verify.shape.update({1: 0.4, 13: 0.45})
+        p.draft_per_token = 0.05
+        _rounds(p, code, 200, rng)
+        p.new_request()
+        rates.append(_rounds(p, chat, 40, rng))
+    best = max(
+        (1 + np.cumprod(chat[:k]).sum()) / (0.05 * k + p.verify(k + 1)) for k in range(13)
+    )
+    assert np.mean(rates) >= 0.85 * best
 
 
 def test_text_stream_holds_back_partial_utf8():

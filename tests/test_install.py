@@ -47,10 +47,14 @@ print(json.dumps({{"rc": rc, "heavy": [m for m in {HEAVY!r} if m in sys.modules]
 @pytest.fixture(scope="module")
 def edge_python(tmp_path_factory, smollm2_gguf) -> Path:
     """A new virtual environment with `pip install specsplit` (the base install only); the
-    llama-cpp-python wheel comes from build/wheels, where `make setup` built it."""
-    wheels = ROOT / "build" / "wheels"
+    llama-cpp-python wheel comes from build/wheels/<variant>, where `make setup` built it."""
+    variant = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "llama_cpu.py"), "variant"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    wheels = ROOT / "build" / "wheels" / variant
     if not list(wheels.glob("llama_cpp_python-0.3.36-*.whl")):
-        pytest.fail("no llama-cpp-python wheel in build/wheels: run `make setup` first")
+        pytest.fail(f"no llama-cpp-python wheel in {wheels}: run `make setup` first")
     env_dir = tmp_path_factory.mktemp("edge-venv")
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
