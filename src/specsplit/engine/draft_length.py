@@ -36,6 +36,14 @@ class DraftLengthPolicy(ABC):
         t_round seconds went to the network and the verifier's queue."""
         return None
 
+    def new_request(self) -> None:
+        """A new text begins (not a resumed one): adaptive policies weigh what they learnt
+        from earlier texts less, since acceptance depends on the text (code against chat)."""
+        return None
+
+
+CARRY = 0.1  # the weight earlier requests' acceptance counts keep when a new one begins
+
 
 class FixedK(DraftLengthPolicy):
     """The same K every round (replayable: same seed, same text)."""
@@ -126,6 +134,10 @@ class AdaptiveK(DraftLengthPolicy):
         """Expected tokens per second with draft length k."""
         cost = self.draft_per_token * k + self.round_overhead + self.verify(k + 1)
         return self.expected_tokens(k) / max(cost, 1e-9)
+
+    def new_request(self) -> None:
+        self.acc *= CARRY
+        self.prop *= CARRY
 
     def p_full(self, k: int) -> float:
         """Probability that all of k draft tokens pass."""

@@ -347,7 +347,8 @@ class DecodeLoop:
         run.out = [int(t) for t in req.resume_ids]  # output an earlier server made
         run.text.update(run.out)  # (its text was shown already)
         stats = run.stats
-        per_token = sum(p.cost_per_token for p in self.proposers)
+        if not req.resume_ids:  # another text: what earlier ones taught counts for less
+            self.policy.new_request()
         sent0, received0 = self.verifier.traffic()  # this request's bytes only
         unjoined: Callable[[], object] | None = None
         try:
@@ -400,6 +401,7 @@ class DecodeLoop:
                     t_round = t_net + outcome.load  # the next round: this network, the queue now
                 elif isinstance(self.policy, AdaptiveK | AdaptiveTree):
                     t_round = self.policy.round_overhead
+                per_token = sum(p.cost_per_token for p in self.proposers)  # (as measured now)
                 if cur.shape is not None:
                     k_used = _depth(cur.drafts)
                     self._update_tree(cur, outcome, per_token, t_round)

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from specsplit.engine.draft_length import CostTable
+from specsplit.engine.draft_length import CARRY, CostTable
 from specsplit.errors import ConfigError
 from specsplit.proposers.draft_tree import TreeShape
 
@@ -42,6 +42,10 @@ class TreePolicy(ABC):
         tree took t_draft seconds to draft, t_round went to the network and queue;
         first_run: how many levels the accepted path followed each node's first draw (what
         a chain, width 1, would have accepted), where known."""
+        return None
+
+    def new_request(self) -> None:
+        """A new text begins (see DraftLengthPolicy.new_request)."""
         return None
 
 
@@ -174,6 +178,11 @@ class AdaptiveTree(TreePolicy):
         # (else width 1 keeps its prior while wider trees are chosen, and is never tried)
         if shape.depth > 0 and shape.width > 1 and first_run is not None and 1 in self.acc:
             self._count(1, shape.depth, first_run)
+
+    def new_request(self) -> None:
+        for w in self.widths:  # (as AdaptiveK.new_request)
+            self.acc[w] *= CARRY
+            self.prop[w] *= CARRY
 
     def _count(self, width: int, depth: int, n_accepted: int) -> None:
         """Decayed counts of width's trees: depths reached and depths accepted."""
