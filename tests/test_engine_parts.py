@@ -109,9 +109,7 @@ def test_adaptive_k_relearns_acceptance_when_a_new_text_begins():
         _rounds(p, code, 200, rng)
         p.new_request()
         rates.append(_rounds(p, chat, 40, rng))
-    best = max(
-        (1 + np.cumprod(chat[:k]).sum()) / (0.05 * k + p.verify(k + 1)) for k in range(13)
-    )
+    best = max((1 + np.cumprod(chat[:k]).sum()) / (0.05 * k + p.verify(k + 1)) for k in range(13))
     assert np.mean(rates) >= 0.85 * best
 
 
