@@ -44,6 +44,17 @@ def test_cost_table_interpolates_and_extrapolates():
     assert t(9) == pytest.approx(0.09)
 
 
+def test_cost_table_relearns_a_shape_the_calibration_got_wrong():
+    # calibrated flat (a noisy warm-up), while a pass over 7 tokens really costs 1.6x one
+    t = CostTable()
+    t.add(1, 0.40)
+    t.add(7, 0.40)
+    for i in range(60):
+        t.add(7, 0.44) if i % 3 == 0 else t.add(1, 0.27)
+    assert t(1) == pytest.approx(0.27, rel=0.05)
+    assert t(7) / t(1) == pytest.approx(0.44 / 0.27, rel=0.1)
+
+
 def _policy(costs: dict[int, float], per_token: float, alpha: float) -> AdaptiveK:
     p = AdaptiveK(k_max=12, probe_every=10**9)
     for n, c in costs.items():

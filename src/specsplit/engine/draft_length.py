@@ -58,22 +58,25 @@ class FixedK(DraftLengthPolicy):
 class CostTable:
     """Seconds per target pass over n tokens: a measured shape c(n) times one live scale.
 
-    The first measurement of each n fixes the shape (warm-up calibrates it); later ones move
+    The first measurement of each n sets its shape (warm-up calibrates it); later ones move
     a scale shared by every n, so noise or a growing context shifts all costs together and
-    the comparison between draft lengths stays sound.
+    the comparison between draft lengths stays sound. The shape keeps learning too, more
+    slowly (``learn``), so a calibration taken in a noisy moment or at another context does
+    not fix it for good: at the fixed point every measured n is predicted as measured.
     """
 
-    def __init__(self, decay: float = 0.8) -> None:
-        self.decay = decay
+    def __init__(self, decay: float = 0.8, learn: float = 0.1) -> None:
+        self.decay, self.learn = decay, learn
         self.shape: dict[int, float] = {}  # n -> seconds at scale 1
         self.scale = 1.0
 
     def add(self, n: int, seconds: float) -> None:
         if n not in self.shape:
             self.shape[n] = seconds / self.scale
-        else:
-            ratio = seconds / self.shape[n]
-            self.scale = self.decay * self.scale + (1 - self.decay) * ratio
+            return
+        ratio = seconds / self.shape[n]
+        self.scale = self.decay * self.scale + (1 - self.decay) * ratio
+        self.shape[n] += self.learn * (seconds / self.scale - self.shape[n])
 
     def _shape(self, n: int) -> float:
         xs = sorted(self.shape)
