@@ -5,8 +5,8 @@
     python scripts/llama_cpu.py check     # exit 0 if the installed llama-cpp-python is that build
 
 avx512: x86-64 with AVX-512 F/BW/VL/VBMI/VNNI/BF16 (Ice Lake, Sapphire Rapids, Zen 4 and
-later); there prompt prefill of the 0.5B drafter runs about 1.4x faster than with AVX2
-(README, "llama.cpp build"). avx2: every other x86-64 machine. Never AMX: ggml's AMX kernels
+later); there a 0.5B drafter pass over 64-256 prompt tokens ran 1.25-1.3x faster than with
+AVX2 on this machine (README, "The llama.cpp build"). avx2: every other x86-64 machine. Never AMX: ggml's AMX kernels
 raise SIGILL here (tilezero in tinygemm_kernel_amx on this Firecracker VM, although a plain
 ldtilecfg/tilezero program runs), and a wheel with them crashed in ggml_backend_amx_mul_mat.
 The build is for the machine it is built on (the wheel stays in build/wheels/<variant>).
