@@ -23,7 +23,7 @@ setup:  ## install everything (the pinned CPU torch first, so no CUDA build is p
 	$(PIP) install -q -e ".[all,dev]"
 
 demo: setup  ## a server with the target and an edge client on loopback, text streaming
-	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b-iq4_nl
 	PY=$(PY) PROMPT="$(PROMPT)" bash scripts/demo.sh
 
 demo-local:  ## the same on one process (no server)
@@ -33,7 +33,7 @@ test: setup  ## unit, exactness and integration tests (SmolLM2-135M); slow ones 
 	$(PY) -m pytest -q
 
 bench: setup llama-tools  ## the committed benchmark report and README section (about 2 h here)
-	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b
+	$(PY) -m specsplit.faces.cli models fetch qwen2.5-coder-1.5b qwen2.5-coder-0.5b-iq4_nl
 	PY=$(PY) bash scripts/bench_report.sh
 
 llama-tools:  ## llama.cpp's llama-speculative and llama-bench, built from the pinned sdist (~15 min, cached)

@@ -15,4 +15,4 @@ until grep -q "specsplit serving" "$log"; do
   sleep 1
 done
 $PY -m specsplit.faces.cli generate "$PROMPT" --server "127.0.0.1:$PORT" \
-  --draft qwen2.5-coder-0.5b --max-new-tokens 128
+  --draft qwen2.5-coder-0.5b-iq4_nl --max-new-tokens 128

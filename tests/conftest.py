@@ -92,7 +92,7 @@ def _qwen_only_in_slow_tests():
 
     def fetch(name: str, *args, **kw):
         test = _running[-1] if _running else None
-        big = name in registry.MODELS and name != SMOLLM2
+        big = name in registry.MODELS and registry.source_model(name) != SMOLLM2
         if big and test is not None and not test.get_closest_marker("slow"):
             pytest.fail(f"{test.nodeid} fetches {name}: mark it slow", pytrace=False)
         return real(name, *args, **kw)

@@ -53,7 +53,7 @@ def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None
 def test_models_list_names_the_defaults():
     r = run("models", "list")
     assert r.returncode == 0
-    for name in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b", "smollm2-135m"):
+    for name in ("qwen2.5-coder-1.5b", "qwen2.5-coder-0.5b-iq4_nl", "smollm2-135m"):
         assert name in r.stdout
 
 

@@ -258,3 +258,46 @@ def test_fingerprint_is_sha256_of_gguf_tokens(backend):
             (registry.gguf_key(registry.resolve_gguf(MODEL)) + expected).encode()
         ).hexdigest()
     )
+
+
+def test_a_made_model_is_requantized_once_and_remade_for_another_quantizer(
+    smollm2_gguf, monkeypatch
+):
+    """A registry model made from another (``made_from``): llama.cpp's quantizer writes it in
+    the asked file type, once; the same model and vocabulary; another quantizer remakes it."""
+    name = "smollm2-135m-iq4_nl"
+    made = registry.replace(registry.MODELS[MODEL], name=name, made_from=(MODEL, "IQ4_NL"))
+    monkeypatch.setitem(registry.MODELS, name, made)
+    try:
+        _check_made(name)
+    finally:  # the cache keeps only what the default run fetches (.ci/run checks)
+        for leftover in registry.gguf_path(name).parent.glob(f"{name}.gguf*"):
+            leftover.unlink()
+
+
+def _check_made(name: str) -> None:
+    import gguf
+
+    path = registry.fetch(name)
+    assert path == registry.gguf_path(name) and registry.source_model(name) == MODEL
+    reader = gguf.GGUFReader(path)
+    types = {t.tensor_type for t in reader.tensors if len(t.shape) == 2}
+    assert gguf.GGMLQuantizationType.IQ4_NL in types
+    assert gguf.GGMLQuantizationType.Q4_1 not in types  # (the source's type, all gone)
+    stamp = path.stat().st_mtime_ns
+    assert registry.fetch(name) == path and path.stat().st_mtime_ns == stamp  # kept
+    made_b = LlamaCppBackend.load(name, n_ctx=256, threads=1)
+    src_b = LlamaCppBackend.load(MODEL, n_ctx=256, threads=1)
+    try:
+        ids = src_b.tokenizer.encode(TEXT)
+        assert made_b.tokenizer.encode(TEXT) == ids
+        a, b = chain(made_b, ids), chain(src_b, ids)
+        assert (a.argmax(-1) == b.argmax(-1)).mean() > 0.7  # the same model, 4 bits a weight
+        assert not np.array_equal(a, b)
+    finally:
+        made_b.close()
+        src_b.close()
+    ok = path.with_suffix(".gguf.ok")
+    ok.write_text(ok.read_text().replace("llama.cpp", "llama.cpp 0.0.0 was"))  # another version
+    registry.fetch(name)
+    assert path.stat().st_mtime_ns != stamp

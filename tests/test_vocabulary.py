@@ -76,7 +76,7 @@ def test_draft_of_another_vocabulary_names_the_servers_model(server):
     address = f"127.0.0.1:{server.port}"
     # a registry draft is refused before it is fetched (the Qwen draft is not in the cache)
     with pytest.raises(ModelError, match="server's target smollm2-135m.*--draft ngram"):
-        EdgeDecoder([address], "qwen2.5-coder-0.5b", warm_up=False)
+        EdgeDecoder([address], "qwen2.5-coder-0.5b-iq4_nl", warm_up=False)
     # a draft model in hand: refused by its vocabulary
     other = TorchBackend(tiny_llama(vocab=300), ByteTokenizer(300))
     with pytest.raises(ModelError, match="server's target smollm2-135m"):

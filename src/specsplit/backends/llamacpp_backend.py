@@ -71,6 +71,29 @@ def _llama() -> Any:
     return _lib
 
 
+def quantizer_version() -> str:
+    """The llama-cpp-python version, which pins the llama.cpp quantizer it vendors."""
+    try:
+        from llama_cpp import __version__
+    except ImportError as e:
+        raise ModelError(f"making a requantized model needs llama-cpp-python ({e})") from None
+    return __version__
+
+
+def quantize(src: Path, dst: Path, ftype: str) -> None:
+    """Requantize a GGUF into llama.cpp file type ``ftype`` (e.g. "Q4_0"), on all cores."""
+    lib = _llama()
+    code = getattr(lib, f"LLAMA_FTYPE_MOSTLY_{ftype.upper()}", None)
+    if code is None:
+        raise ModelError(f"llama.cpp has no file type {ftype!r}")
+    params = lib.llama_model_quantize_default_params()
+    params.ftype = code
+    params.allow_requantize = True  # (the source is quantized already)
+    params.nthread = len(os.sched_getaffinity(0))
+    if lib.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)):
+        raise ModelError(f"llama.cpp could not requantize {src} to {ftype}")
+
+
 def _grow(call: Any, size: int) -> tuple[int, Any]:
     """Call a llama.cpp function that returns -needed when its buffer is too small."""
     n, buf = call(size)

@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--costs", required=True, help="results.json of specsplit.bench.costs")
     ap.add_argument("--threads", default="1", help="which measured thread count (one replica)")
     ap.add_argument("--report", required=True, help="a report run: per-position acceptance")
-    ap.add_argument("--system", default="spec[qwen2.5-coder-0.5b]")
+    ap.add_argument("--system", default="spec[qwen2.5-coder-0.5b-iq4_nl]")
     ap.add_argument("--sessions", type=int, default=10_000)
     ap.add_argument("--context", type=int, default=1_000)
     ap.add_argument("--rates", default="0.5,1,2", help="CPU goals, tokens/s per user")

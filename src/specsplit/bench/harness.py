@@ -23,6 +23,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from specsplit import registry
 from specsplit.backends.load import DTYPES
 from specsplit.bench.prompts import csv_list, load_prompts
 from specsplit.bench.summary import refresh, spread
@@ -71,7 +72,7 @@ def add_bench_parser(sub) -> None:  # noqa: ANN001
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--target", default="qwen2.5-coder-1.5b")
     b.add_argument("--target-backend", default="torch", choices=["torch", "llama.cpp", "numpy"])
-    b.add_argument("--draft", default="qwen2.5-coder-0.5b", help="draft model")
+    b.add_argument("--draft", default="qwen2.5-coder-0.5b-iq4_nl", help="draft model")
     b.add_argument("--draft-backend", default="llama.cpp", choices=["torch", "llama.cpp", "numpy"])
     b.add_argument("--threads", type=int, default=None, help="threads of every model")
     b.add_argument(
@@ -206,7 +207,8 @@ def _hf_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> li
     model = getattr(setup.target, "model", None)
     eos = sorted(setup.target.tokenizer.eos_token_ids) or [0]
     for h in csv_list(ns.hf):
-        name = {"assisted": f"hf-assisted[{setup.draft_name}]", "prompt-lookup": "hf-prompt-lookup"}
+        assistant = registry.source_model(setup.draft_name)
+        name = {"assisted": f"hf-assisted[{assistant}]", "prompt-lookup": "hf-prompt-lookup"}
         if h not in name:
             raise ConfigError(f"unknown HF system {h!r}; choose assisted, prompt-lookup")
         if model is None:
@@ -576,7 +578,6 @@ def _dtype_name(backend) -> str | None:  # noqa: ANN001 - a Backend
 
 
 def cmd_bench(ns: argparse.Namespace) -> int:
-    from specsplit import registry
     from specsplit.backends.load import load_backend
     from specsplit.bench.split import rss_bytes
 
@@ -605,10 +606,13 @@ def cmd_bench(ns: argparse.Namespace) -> int:
     if "assisted" in csv_list(ns.hf) and ns.target_backend == "torch":
         from specsplit.backends.torch_backend import TorchBackend
 
+        # the assistant takes the draft's weights as they were published (a model requantized
+        # here for llama.cpp's kernels would only lose precision in float)
+        source = registry.source_model(ns.draft)
         assistant = load(
-            f"HF assistant {ns.draft} (torch)",
+            f"HF assistant {source} (torch)",
             lambda: (
-                TorchBackend.load(ns.draft, threads=ns.threads, dtype=ns.dtype or "float32").model
+                TorchBackend.load(source, threads=ns.threads, dtype=ns.dtype or "float32").model
             ),
         )
     gguf = draft_gguf = None

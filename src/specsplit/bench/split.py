@@ -678,7 +678,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--target", default="qwen2.5-coder-1.5b")
         p.add_argument("--target-backend", default="torch")
         p.add_argument("--dtype", default=None, choices=DTYPES)
-        p.add_argument("--draft", default="qwen2.5-coder-0.5b")
+        p.add_argument("--draft", default="qwen2.5-coder-0.5b-iq4_nl")
         p.add_argument("--draft-backend", default="llama.cpp")
         p.add_argument("--suite", default="humaneval", choices=("humaneval", "spec-bench"))
         p.add_argument("--questions", default="../shared/data/spec_bench/question.jsonl")

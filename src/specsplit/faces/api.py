@@ -21,7 +21,7 @@ from specsplit.proposers.ngram import NGramProposer
 from specsplit.sampling import SamplingParams
 
 DEFAULT_TARGET = "qwen2.5-coder-1.5b"
-DEFAULT_DRAFT = "qwen2.5-coder-0.5b"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-iq4_nl"
 DEFAULT_TARGET_BACKEND = "torch"
 DEFAULT_DRAFT_BACKEND = "llama.cpp"
 
