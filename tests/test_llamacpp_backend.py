@@ -14,6 +14,7 @@ threads slow down several times on a CPU shared with other processes.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -266,7 +267,7 @@ def test_a_made_model_is_requantized_once_and_remade_for_another_quantizer(
     """A registry model made from another (``made_from``): llama.cpp's quantizer writes it in
     the asked file type, once; the same model and vocabulary; another quantizer remakes it."""
     name = "smollm2-135m-iq4_nl"
-    made = registry.replace(registry.MODELS[MODEL], name=name, made_from=(MODEL, "IQ4_NL"))
+    made = replace(registry.MODELS[MODEL], name=name, made_from=(MODEL, "IQ4_NL"))
     monkeypatch.setitem(registry.MODELS, name, made)
     try:
         _check_made(name)

@@ -234,7 +234,7 @@ def fetch(name: str, log=lambda s: print(s, file=sys.stderr)) -> Path:
         return _make(m, log)
     dest = gguf_path(name)
     ok = dest.with_suffix(".gguf.ok")
-    if dest.exists() and ok.exists() and ok.read_text().strip() == m.sha256:
+    if _cached(dest, m.sha256):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as t:
@@ -266,17 +266,22 @@ def _make(m: ModelSpec, log) -> Path:
     source, ftype = m.made_from  # type: ignore[misc]
     src = fetch(source, log)
     dest = gguf_path(m.name)
-    ok = dest.with_suffix(".gguf.ok")
     key = f"{spec(source).sha256} {ftype} llama.cpp {quantizer_version()}"
-    if dest.exists() and ok.exists() and ok.read_text().strip() == key:
+    if _cached(dest, key):
         return dest
     log(f"making {m.name} from {source} ({ftype}, llama.cpp's quantizer)")
     with tempfile.TemporaryDirectory(dir=dest.parent) as t:
         out = Path(t) / "made.gguf"
         quantize(src, out, ftype)
         os.replace(out, dest)
-    ok.write_text(key)
+    dest.with_suffix(".gguf.ok").write_text(key)
     return dest
+
+
+def _cached(dest: Path, key: str) -> bool:
+    """The GGUF at dest is there and its ``.ok`` file holds key (written once it was whole)."""
+    ok = dest.with_suffix(".gguf.ok")
+    return dest.exists() and ok.exists() and ok.read_text().strip() == key
 
 
 def source_model(name_or_path: str) -> str:

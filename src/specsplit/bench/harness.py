@@ -206,8 +206,8 @@ def _hf_systems(ns: argparse.Namespace, setup: Setup, skipped: list[dict]) -> li
     out: list[System] = []
     model = getattr(setup.target, "model", None)
     eos = sorted(setup.target.tokenizer.eos_token_ids) or [0]
+    assistant = registry.source_model(setup.draft_name)  # (see cmd_bench)
     for h in csv_list(ns.hf):
-        assistant = registry.source_model(setup.draft_name)
         name = {"assisted": f"hf-assisted[{assistant}]", "prompt-lookup": "hf-prompt-lookup"}
         if h not in name:
             raise ConfigError(f"unknown HF system {h!r}; choose assisted, prompt-lookup")
