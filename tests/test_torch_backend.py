@@ -541,3 +541,67 @@ def test_smollm2_from_gguf(fresh_cache: Path) -> None:
 
     for s in ["Hello, world!", "def f(x):\n    return x * 2", "naïve café – ünïcödé 日本語"]:
         assert tok.decode(tok.encode(s, add_special=False)) == s
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_packed_linears_give_the_same_bits_and_leave_a_tied_head(dtype: torch.dtype) -> None:
+    """Linear weights packed once for oneDNN (what ``load`` does for a CPU bfloat16 or float16
+    model): chains, trees, batches and prefills give logits equal bit for bit to the unpacked
+    model's; an lm_head tied to the embeddings stays a plain Linear (not held twice)."""
+    import copy
+
+    from specsplit.backends.torch_packed import PackedLinear, can_pack, pack_linears
+
+    if not can_pack(tiny_model(dtype=dtype), torch.device("cpu")):
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    model = tiny_model(dtype=dtype)
+    model.config.tie_word_embeddings = True
+    model.lm_head.weight = model.model.embed_tokens.weight
+    packed = copy.deepcopy(model)
+    assert pack_linears(packed) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 layers
+    assert type(packed.lm_head) is torch.nn.Linear
+    assert isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
+    plain, fast = TorchBackend(model, ByteTokenizer(V)), TorchBackend(packed, ByteTokenizer(V))
+    prompts = [[1, 5, 9, 2, 7], [3, 3, 8], [4, 11, 6, 2]]
+    for b in (plain, fast):
+        b.seqs = [b.new_sequence() for _ in prompts]
+    firsts = [
+        [b.prefill(s, p) for s, p in zip(b.seqs, prompts, strict=True)] for b in (plain, fast)
+    ]
+    assert all(np.array_equal(x, y) for x, y in zip(*firsts, strict=True))
+    chain, tree = [10, 12, 14], ([20, 21, 22, 23], [-1, 0, 0, 1])
+    outs = [
+        [
+            b.forward(b.seqs[0], chain),
+            b.forward(b.seqs[1], tree[0], tree[1]),
+            *b.forward_batch([(b.seqs[0], [5, 6], None), (b.seqs[2], [7, 8, 9], None)]),
+        ]
+        for b in (plain, fast)
+    ]
+    assert all(np.array_equal(x, y) for x, y in zip(*outs, strict=True))
+
+
+@pytest.mark.integration
+def test_a_bfloat16_load_packs_its_linears_and_keeps_its_identity(
+    fresh_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SmolLM2 loaded in bfloat16 on CPU runs packed linears, with the identity of its
+    weights as loaded (a replica that cannot pack names the same target) and the same
+    greedy text: the prompt's pass equal bit for bit, one-token passes within the bfloat16
+    tie tolerance (at one row PyTorch's own linear takes another kernel)."""
+    from specsplit.backends import torch_backend
+    from specsplit.backends.torch_packed import PackedLinear
+    from specsplit.bench.ties import tie_tolerance
+
+    packed = TorchBackend.load("smollm2-135m", threads=2, dtype="bfloat16")
+    if not any(isinstance(m, PackedLinear) for m in packed.model.modules()):
+        pytest.skip("this PyTorch has no oneDNN packed linear")
+    monkeypatch.setattr(torch_backend, "can_pack", lambda *a: False)
+    plain = TorchBackend.load("smollm2-135m", threads=2, dtype="bfloat16")
+    assert not any(isinstance(m, PackedLinear) for m in plain.model.modules())
+    assert packed.identity() == plain.identity()
+    ids = plain.tokenizer.encode("def fibonacci(n):", add_special=False)
+    (out1, logits1), (out2, logits2) = greedy(packed, ids, 8), greedy(plain, ids, 8)
+    assert out1 == out2 and np.array_equal(logits1[0], logits2[0])
+    tol = tie_tolerance({"backend": "torch", "dtype": "bfloat16"})
+    assert np.abs(logits1 - logits2).max() <= tol  # (0.5 measured: 4 ulps at 24)

@@ -40,6 +40,7 @@ from specsplit.backends.base import (
 )
 from specsplit.backends.hf_tokenizer import HFTokenizer, gguf_fingerprint
 from specsplit.backends.torch_attention import use_exact_attention
+from specsplit.backends.torch_packed import can_pack, pack_linears
 from specsplit.backends.tree import tree_layout
 from specsplit.errors import ConfigError, ModelError
 
@@ -145,6 +146,9 @@ class TorchBackend(Backend):
             raise AssertionError("unreachable")
         backend = cls(model, tok, device=device, n_ctx=n_ctx)
         backend.origin = origin
+        if can_pack(backend.model, backend.device):  # (a model it loaded itself: its own)
+            backend.identity()  # of the weights as loaded: packed ones are opaque
+            pack_linears(backend.model)
         if ref in registry.MODELS or ref.endswith(".gguf"):
             backend.source_gguf = gguf
         return backend

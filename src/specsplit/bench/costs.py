@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         doc["kv_bytes_per_token"] = target.kv_bytes_per_token()
         model = getattr(target, "model", None)
         if model is not None:
-            doc["weight_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+            held = [*model.parameters(), *model.buffers()]  # (packed weights are buffers)
+            doc["weight_bytes"] = sum(p.numel() * p.element_size() for p in held)
         rows = measure(target, batch, tokens, ns.context, ns.repeats)
         doc["passes"][str(threads)] = [{"batch": b, "tokens": t, "seconds": s} for b, t, s in rows]
         target.close()
