@@ -19,7 +19,7 @@ from specsplit.backends.numpy_backend import NumpyBackend
 from specsplit.backends.torch_backend import TorchBackend
 from specsplit.engine.draft_length import FixedK
 from specsplit.engine.prefill import padded_length, prefill_budget, prefill_shares
-from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier
+from specsplit.engine.scheduler import BatchScheduler, ScheduledVerifier, Served
 from specsplit.engine.speculative import DecodeLoop, GenerationRequest, SpeculativeEngine
 from specsplit.engine.verifier import LocalVerifier, Outcome
 from specsplit.errors import Overloaded
@@ -373,6 +373,65 @@ def test_sessions_opening_at_once_are_prefilled_together(setup, kind):
     assert [sorted(p) for p in log.passes] == [[8, 8, 8, 12, 12]]  # (in order of arrival)
     assert sch.stats.prefill_sizes == {5: 1}
     assert max(sch.stats.batch_sizes) > 1
+
+
+def test_prompts_arriving_a_few_ms_apart_are_prefilled_in_one_pass(setup):
+    """Four sessions open 10 ms apart on a running scheduler (window 50 ms): the first
+    prefill pass waits for them and holds all four."""
+    tok, model, _ = setup
+    sch = BatchScheduler(TorchBackend(model, tok), batch_window=0.05, max_batch=8)
+    log = PrefillLog(sch)
+    sch.start()
+    try:
+        served = []
+        for i in range(4):
+            served.append(sch.open(PROMPT[: 8 + i], GREEDY, i))
+            time.sleep(0.01)
+        for s in served:
+            s.ready.result(10)
+    finally:
+        sch.stop()
+    assert log.passes[0] == [7, 8, 9, 10]
+
+
+def test_a_pass_waits_for_the_sessions_the_last_pass_answered(setup):
+    """Passes of ~0.2 s; one client answers at once, the other 20 ms after its answer (longer
+    than the 5 ms window, within 10% of a pass): after the first rounds both go in every
+    pass, where with the window alone they would alternate."""
+    tok, model, _ = setup
+    sch = BatchScheduler(TorchBackend(model, tok), batch_window=0.005, max_batch=8)
+    inner = sch.target.forward_batch
+
+    def slow(items):  # noqa: ANN001, ANN202
+        time.sleep(0.2)
+        return inner(items)
+
+    sch.target.forward_batch = slow
+    sch.start()
+    sizes: list[list[int]] = [[], []]
+    try:
+        a, b = sch.open(PROMPT, GREEDY, 0), sch.open(PROMPT[:12], GREEDY, 1)
+        a.ready.result(10), b.ready.result(10)
+
+        def client(s: Served, i: int, delay: float) -> None:
+            version = 0
+            for _ in range(6):
+                out = sch.submit(s, [], version).result(10)
+                sizes[i].append(out.batch_size)
+                version = out.version
+                time.sleep(delay)
+
+        threads = [
+            threading.Thread(target=client, args=(a, 0, 0.0)),
+            threading.Thread(target=client, args=(b, 1, 0.02)),
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    finally:
+        sch.stop()
+    assert sizes[1][1:-1] == [2] * 4, sizes  # (the first and last may go alone)
 
 
 def test_batched_prefill_keeps_max_batch_and_chunks(setup):
