@@ -26,14 +26,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+PASS_ROWS = 32  # what a pass costs beyond its rows, in rows (the weights' read; see below)
+
 
 def prefill_budget(n_sessions: int, chunk: int, decoding: int) -> int:
     """Prompt tokens one pass may carry for n sessions while ``decoding`` other sessions
     decode (see the module docstring)."""
     return chunk * max(1, n_sessions // max(1, decoding))
-
-
-PASS_ROWS = 32  # what a pass costs beyond its rows, in rows (the weights' read; see below)
 
 
 def prefill_shares(
@@ -68,28 +67,19 @@ def padded_length(missing: Sequence[int], pass_rows: int = PASS_ROWS) -> int:
     >>> padded_length([5, 250])  # 10 + 245 rows in two passes beat 500 in one
     5
     """
-    levels = sorted({m for m in missing if m > 0})
-    if not levels:
+    levels = [0, *sorted({m for m in missing if m > 0})]  # 0: nothing prefilled yet
+    if len(levels) == 1:
         return 0
     above = [sum(1 for m in missing if m > lv) for lv in levels]  # prompts beyond each level
-    # best[i]: the least cost of bringing every prompt from level i to the top, and the
-    # level of its first pass; i = -1 is level 0 (nothing prefilled yet)
-    best: list[tuple[float, int]] = [(0.0, levels[-1])] * len(levels)
-    for i in range(len(levels) - 2, -2, -1):
-        base = levels[i] if i >= 0 else 0
-        rows = above[i] if i >= 0 else sum(1 for m in missing if m > 0)
-        options = (
+    # best[i]: (the least cost of bringing every prompt from level i to the top, the level
+    # of that plan's first pass); filled from the top down
+    best = [(0, levels[-1])] * len(levels)
+    for i in range(len(levels) - 2, -1, -1):
+        best[i] = min(
             (
-                rows * (levels[j] - base)
-                + pass_rows
-                + (best[j][0] if j < len(levels) - 1 else 0.0),
-                j,
-            )
-            for j in range(i + 1, len(levels))
+                (above[i] * (levels[j] - levels[i]) + pass_rows + best[j][0], levels[j])
+                for j in range(i + 1, len(levels))
+            ),
+            key=lambda o: (o[0], -o[1]),  # ties: fewer, longer passes
         )
-        cost, j = min(options, key=lambda o: (o[0], -o[1]))  # ties: fewer, longer passes
-        if i >= 0:
-            best[i] = (cost, levels[j])
-        else:
-            return levels[j]
-    return levels[-1]  # (one level: one pass)
+    return best[0][1]
