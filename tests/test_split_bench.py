@@ -76,3 +76,33 @@ def test_capacity_batching_comparison(capacity_run):
     assert b["decode_phase_ratio_vs_max_batch=1"] > 0
     assert b["bound_vs_max_batch=1"] >= b["ratio_vs_max_batch=1"]
     assert capacity_run["config"]["users"] == "1,2"
+    # float32 tiny models: every text as recorded, so no client drafted for itself
+    assert on["off_recording_rounds"] == off["off_recording_rounds"] == [0, 0]
+
+
+class _Stub(split.Proposer):
+    name = "stub"
+
+    def __init__(self) -> None:
+        self.seen: list[list[int]] = []
+
+    def propose(self, context, k, params, u):  # noqa: ANN001, ANN201
+        self.seen.append(list(context))
+        return split.Draft([7] * k)
+
+
+def test_replay_off_the_recording_drafts_with_the_users_drafter():
+    """On the recorded text a replaying client sends the recorded draft for that length;
+    once the text leaves it (a near tie decided otherwise in a batched pass), the drafter
+    given drafts for the actual text; without one, plain decoding (no draft)."""
+    text = [1, 2, 3, 4, 5, 6]
+    drafts = {3: [4, 5, 6], 4: [5, 6]}
+    stub = _Stub()
+    replay = split.ReplayProposer(drafts, text, off_recording=stub)
+    assert replay.propose([1, 2, 3], 2, None, None).tokens == [4, 5]
+    assert replay.propose([1, 2, 3, 4], 4, None, None).tokens == [5, 6]
+    assert replay.off_rounds == 0 and stub.seen == []
+    assert replay.propose([1, 2, 3, 9], 3, None, None).tokens == [7, 7, 7]
+    assert replay.off_rounds == 1 and stub.seen == [[1, 2, 3, 9]]
+    bare = split.ReplayProposer(drafts, text)
+    assert bare.propose([1, 2, 3, 9], 3, None, None).tokens == []

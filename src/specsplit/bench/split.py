@@ -299,18 +299,52 @@ class RecordingProposer(Proposer):
 
 
 class ReplayProposer(Proposer):
-    """Sends the drafts recorded for a prompt (no model: the client costs no CPU)."""
+    """Sends the drafts recorded for a prompt (no model: the client costs no CPU). Where the
+    text moves off the recording (a near tie decided otherwise in a batched pass), the
+    ``off_recording`` drafter drafts instead, as the user's own drafter would; without one,
+    plain decoding."""
 
     name = "replay"
 
-    def __init__(self, drafts: dict[int, list[int]], text: list[int]) -> None:
+    def __init__(
+        self, drafts: dict[int, list[int]], text: list[int], off_recording: Proposer | None = None
+    ) -> None:
         self.drafts, self.text = drafts, text  # text: the recorded committed ids
+        self.off_recording = off_recording
+        self.off_rounds = 0  # rounds drafted off the recording
 
     def propose(self, context, k, params, u) -> Draft:  # noqa: ANN001
         n = len(context)
-        if list(context) != self.text[:n]:
-            return Draft([])  # the text moved off the recording (a near tie): plain decoding
-        return Draft(self.drafts.get(n, [])[:k])
+        if list(context) == self.text[:n]:
+            return Draft(self.drafts.get(n, [])[:k])
+        if self.off_recording is None:
+            return Draft([])
+        self.off_rounds += 1
+        return self.off_recording.propose(context, k, params, u)
+
+
+class SharedDrafter(Proposer):
+    """One draft model for every replaying client whose text left its recording (rare: one
+    of 8 at most in the runs so far), loaded on first use, one thread, one call at a time
+    (it re-synchronises its cache with each caller's text by common prefix)."""
+
+    name = "shared-draft"
+
+    def __init__(self, backend: str, model: str) -> None:
+        self.backend, self.model = backend, model
+        self._lock = threading.Lock()
+        self._inner: Proposer | None = None
+
+    def propose(self, context, k, params, u) -> Draft:  # noqa: ANN001
+        from specsplit.backends.load import load_backend
+        from specsplit.proposers.draft_model import DraftModelProposer
+
+        with self._lock:
+            if self._inner is None:
+                self._inner = DraftModelProposer(
+                    load_backend(self.backend, self.model, n_ctx=4096, threads=1)
+                )
+            return self._inner.propose(context, k, params, u)
 
 
 def record_drafts(ns: argparse.Namespace) -> list[dict]:
@@ -348,18 +382,28 @@ def record_drafts(ns: argparse.Namespace) -> list[dict]:
     return out
 
 
-def _client_run(address: str, tokenizer, rec: dict, k: int, max_new: int) -> dict:  # noqa: ANN001
-    """One edge client replaying a recorded prompt's drafts (split: the server only verifies)."""
+def _client_run(
+    address: str,
+    tokenizer,  # noqa: ANN001
+    rec: dict,
+    k: int,
+    max_new: int,
+    off_recording: Proposer | None = None,
+) -> dict:
+    """One edge client replaying a recorded prompt's drafts (split: the server only verifies;
+    ``off_recording`` drafts where the text leaves the recording)."""
     from specsplit.engine.draft_length import FixedK
     from specsplit.engine.speculative import DecodeLoop, GenerationRequest
     from specsplit.transport.client import RemoteVerifier
 
     drafts = {int(n): d for n, d in rec["drafts"].items()}
-    prop = ReplayProposer(drafts, rec["prompt_ids"] + rec["output_ids"])
+    prop = ReplayProposer(drafts, rec["prompt_ids"] + rec["output_ids"], off_recording)
     verifier = RemoteVerifier([address], tokenizer)
     loop = DecodeLoop(verifier, [prop], FixedK(k), pipeline=False)
     try:
-        return _timed(loop.stream(GenerationRequest(rec["prompt_ids"], max_new)), rec)
+        out = _timed(loop.stream(GenerationRequest(rec["prompt_ids"], max_new)), rec)
+        out["off_recording_rounds"] = prop.off_rounds
+        return out
     finally:
         verifier.shutdown()
 
@@ -439,8 +483,11 @@ def cmd_throughput(ns: argparse.Namespace) -> dict:
     out = Path(ns.out)
     batches = [int(x) for x in ns.batch.split(",")]
     users = sorted({int(x) for x in ns.users.split(",")} | {ns.clients})
+    off = SharedDrafter(ns.draft_backend, ns.draft)  # a text that leaves its recording
     modes = {
-        "split": lambda a, h, n: replay_clients(a, h, tokenizer, recs[:n], ns.k, ns.max_new_tokens),
+        "split": lambda a, h, n: replay_clients(
+            a, h, tokenizer, recs[:n], ns.k, ns.max_new_tokens, off_recording=off
+        ),
         "cloud_only": lambda a, h, n: cloud_clients(a, h, tokenizer, recs[:n], ns.max_new_tokens),
     }
     rows, batching = [], {}
@@ -512,6 +559,7 @@ def _brief(row: dict) -> str:
         f"{row['server_tokens_per_s']:.2f} tok/s total, {row['median_user_tokens_per_s']:.2f} "
         f"per user, mean batch {row['mean_batch_size']:.2f}, "
         f"text as recorded {sum(row['greedy_equal'])}/{len(row['greedy_equal'])}"
+        f" (rounds drafted off it {sum(row['off_recording_rounds'])})"
     )
 
 
@@ -546,12 +594,17 @@ def replay_clients(
     k: int,
     max_new: int,  # noqa: ANN001
     counters=None,  # noqa: ANN001 - () -> {"passes_total", "rounds_total"}; else /metrics
+    off_recording: Proposer | None = None,
 ) -> dict:
     """One replaying client per recorded prompt, all at once, against a running server;
     server throughput, batching and latency figures. ``counters``: the server's pass and
-    round totals (default: its Prometheus page on http_port)."""
+    round totals (default: its Prometheus page on http_port); ``off_recording``: the drafter
+    of clients whose text leaves its recording (default: none, plain decoding there)."""
     return concurrent_clients(
-        lambda rec: _client_run(address, tokenizer, rec, k, max_new), recs, http_port, counters
+        lambda rec: _client_run(address, tokenizer, rec, k, max_new, off_recording),
+        recs,
+        http_port,
+        counters,
     )
 
 
@@ -609,6 +662,8 @@ def concurrent_clients(run_one, recs: list[dict], http_port: int | None, counter
         "p50_tbt_s": float(np.percentile(tbt, 50)) if tbt else None,
         "p99_tbt_s": float(np.percentile(tbt, 99)) if tbt else None,
         "greedy_equal": [p["greedy_equal"] for p in per],
+        # rounds a replaying client drafted itself, its text having left the recording
+        "off_recording_rounds": [p.get("off_recording_rounds", 0) for p in per],
     }
 
 
