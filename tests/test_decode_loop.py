@@ -382,6 +382,37 @@ def test_beside_a_remote_target_the_first_token_does_not_wait_for_the_drafters(m
     assert events[-1] == "drafter prefill"
 
 
+@pytest.mark.parametrize(
+    ("remote", "shares_cpus", "beside"),
+    [(True, False, True), (True, True, False), (False, True, False)],
+)
+def test_the_drafter_prefills_beside_only_a_target_on_another_machine(
+    remote, shares_cpus, beside, models, tok
+):
+    """By default the drafter's prompt prefill runs beside the target's only where the target
+    computes elsewhere; on this machine's cores (local, or a server on loopback) it runs once
+    the first token is out (measured on 2 cores with a loopback server: the first token 1.36x
+    the target alone's after, 1.60x beside)."""
+    events: list = []
+    target = Recording(_target(models, tok), events)
+    target.remote, target.shares_cpus = remote, shares_cpus
+    loop = DecodeLoop(target, [PrepareNoted(TorchBackend(models[1], tok), events)], FixedK(3))
+    stream = loop.stream(GenerationRequest(PROMPT, 8))
+    first = next(stream)
+    events.append(("chunk", first.token_ids))
+    list(stream)
+    assert (events.index("drafter prefill") < events.index(("chunk", first.token_ids))) == beside
+
+
+def test_a_loopback_address_is_this_machine():
+    from specsplit.transport.link import is_loopback
+
+    for a in ("127.0.0.1:50051", "127.3.0.9:1", "localhost:7", "[::1]:50051"):
+        assert is_loopback(a), a
+    for a in ("10.0.0.2:50051", "example.org:443", "[2001:db8::1]:50051", "0.0.0.0:5"):
+        assert not is_loopback(a), a
+
+
 @pytest.mark.parametrize("sampling", [SamplingParams(), SAMPLED])
 def test_the_first_token_does_not_wait_for_a_round(sampling, models, tok):
     events: list = []

@@ -166,10 +166,10 @@ class DecodeLoop:
         self._since_ahead = 0
         self._ahead_paused = 0  # rounds left without drafting ahead (after a dropped round)
         # drafters prefill the prompt in a thread while the target prefills it (True), or
-        # after the target's first token is out (False): beside a remote target (another
-        # machine prefills), after a local one (on a few cores the two passes share them, and
-        # the first token would wait for both)
-        self.prefill_beside = verifier.remote
+        # after the target's first token is out (False); None: beside a target on another
+        # machine, after one on this machine's cores (local, or a server on loopback: the
+        # two passes would share the cores, and the first token would wait for both)
+        self.prefill_beside: bool | None = None
         # drafting ahead needs one chain (a tree's bonus has no single guess)
         self.pipeline = (
             (verifier.pipelines if pipeline is None else pipeline)
@@ -354,8 +354,13 @@ class DecodeLoop:
         try:
             run.context, version = prompt + run.out, 0
             # a resumed request (resume_ids) goes on as the lost one would have: no prefill token
-            first, prepare = self._open(run.context, req.params, seed, first=not req.resume_ids)
-            unjoined = prepare if self.prefill_beside else None  # a drafter thread running
+            beside = self.prefill_beside
+            if beside is None:
+                beside = self.verifier.remote and not self.verifier.shares_cpus
+            first, prepare = self._open(
+                run.context, req.params, seed, first=not req.resume_ids, beside=beside
+            )
+            unjoined = prepare if beside else None  # a drafter thread running
             run.n_ctx = self.verifier.n_ctx
             if isinstance(self.policy, AdaptiveK | AdaptiveTree) and not self.policy.verify.shape:
                 self.policy.verify.shape.update(self.verifier.cost_shape)
@@ -440,18 +445,18 @@ class DecodeLoop:
             self.verifier.close()
 
     def _open(
-        self, context: list[int], params: SamplingParams, seed: int, first: bool
+        self, context: list[int], params: SamplingParams, seed: int, first: bool, beside: bool
     ) -> tuple[int | None, Callable[[], object] | None]:
         """Open the session: the first token, from the target's prefill, and a callable that
-        runs the drafters' prompt prefill (after a local target) or joins the thread running
-        it beside a remote target's (both release the GIL in their passes); None: no drafter
+        runs the drafters' prompt prefill (after the target's) or joins the thread running
+        it ``beside`` the target's (both release the GIL in their passes); None: no drafter
         prefills."""
         prepare = [p for p in self.proposers if p.prepares]
-        if not prepare or not self.prefill_beside:
+        if not prepare or not beside:
             token = self.verifier.open(context, params, seed, first=first)
             return token, (lambda: [p.prepare(context) for p in prepare]) if prepare else None
-        # beside a remote target: the drafters prefill in a thread while the server does, and
-        # the first token is out as soon as the server's is (the callable joins the thread)
+        # beside the target: the drafters prefill in a thread while the server does, and the
+        # first token is out as soon as the server's is (the callable joins the thread)
         pool = ThreadPoolExecutor(1)
         done = pool.submit(lambda: [p.prepare(context) for p in prepare])
         pool.shutdown(wait=False)

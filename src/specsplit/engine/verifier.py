@@ -195,6 +195,7 @@ class Verifier(ABC):
     n_ctx: int
     pipelines: bool = False  # worth drafting ahead while a round is in flight (a network)
     remote: bool = False  # time outside t_verify and t_queue is network time
+    shares_cpus: bool = True  # the target computes on this machine's cores (local, loopback)
     max_draft: int = 1 << 30  # draft tokens one round may carry (the server's limit)
     tree_paths: int = 0  # root-to-leaf paths a one-drafter tree may have (0: no trees)
     cost_shape: dict[int, float]  # seconds of a target pass over n tokens (for choosing K)

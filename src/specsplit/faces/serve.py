@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -290,29 +291,44 @@ _REPLICA = {
 }
 
 
-M_ARENA_MAX, M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters
-MMAP_THRESHOLD = 128 << 10  # glibc's initial value, kept fixed
+M_ARENA_MAX = -8  # glibc's mallopt parameter
+TRIM_EVERY = 1.0  # seconds between malloc_trim calls
+_trimmer: threading.Thread | None = None
 
 
-def _tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> None:
+def _tune_malloc(arenas: int = 2, trim_every: float = TRIM_EVERY) -> None:
     """Cap glibc's malloc arenas: gRPC threads would each grow their own. Measured with 100
     idle sessions: 3.9 MB per session by default, 2.2 MB with this call at start, 1.0 MB with
     MALLOC_ARENA_MAX=2 in the server's environment (set before Python starts).
 
-    And fix the mmap threshold: by default glibc raises it to the size of every large block
-    freed (up to 32 MiB), after which the KV caches and activations that grow round by round
-    come from the heap and leave holes it cannot give back. In the 10-minute soak (64 active
-    sessions, --kv-budget 256MiB) resident memory outside the KV cache and the loaded server
-    grew to 0.78 GB; with the threshold fixed (large blocks mmapped, returned when freed) it
-    peaked at 0.43 GB (README, Reliability)."""
+    And give freed heap pages back every ``trim_every`` seconds (``malloc_trim``, on a
+    daemon thread): KV caches grow round by round, so the blocks they leave are rarely reused
+    whole and would stay resident (the first soak peaked 0.50 GB over its bound). An earlier
+    fix mmapped every block over 128 KiB instead, which returns each one as it is freed but
+    makes every pass fault its activations in afresh: with it, bfloat16 prefills of the 1.5B
+    target took 1.21-1.26x as long and its one-token passes 1.13-1.19x (``python
+    scripts/malloc_passes.py``). The price: between trims a pass's freed working memory stays
+    resident (the 10-minute soak peaked 33 MB over a bound that does not count it, README)."""
+    global _trimmer
     import ctypes
     import ctypes.util
 
     name = ctypes.util.find_library("c")
-    if name and sys.platform.startswith("linux"):
-        libc = ctypes.CDLL(name)
-        libc.mallopt(M_ARENA_MAX, arenas)
-        libc.mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+    if not name or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(name)
+    libc.mallopt(M_ARENA_MAX, arenas)
+    if _trimmer is None and trim_every > 0:
+        _trimmer = threading.Thread(
+            target=_trim_forever, args=(libc, trim_every), name="malloc-trim", daemon=True
+        )
+        _trimmer.start()
+
+
+def _trim_forever(libc, every: float) -> None:  # noqa: ANN001 - a ctypes CDLL
+    while True:
+        time.sleep(every)
+        libc.malloc_trim(0)  # (a few ms; the arenas are locked meanwhile)
 
 
 class _Locked:

@@ -29,7 +29,7 @@ from specsplit.randomness import drafter_uniform
 from specsplit.sampling import SamplingParams
 from specsplit.transport import wire
 from specsplit.transport.cloud import generate_cloud
-from specsplit.transport.link import MAX_MESSAGE, Failover, Link, error_of
+from specsplit.transport.link import MAX_MESSAGE, Failover, Link, error_of, is_loopback
 from specsplit.transport.pb import specsplit_pb2 as pb
 from specsplit.transport.vocabulary import server_tokenizer
 
@@ -84,6 +84,11 @@ class RemoteVerifier(Verifier):
         self._pending: deque[tuple[Future[Outcome], list[list[int]], bool]] = deque()
         self._ended: SpecsplitError | None = None  # why the current stream ended, once it has
         self._lock = threading.Lock()
+
+    @property
+    def shares_cpus(self) -> bool:
+        """The server in use is on this machine (loopback): its passes share our cores."""
+        return is_loopback(self.failover.address)
 
     # ---- connecting ----
 

@@ -122,6 +122,20 @@ class Link:
         self.channel.close()
 
 
+def is_loopback(address: str) -> bool:
+    """A HOST:PORT address on this machine (127.0.0.0/8, ::1 or localhost; names are not
+    resolved)."""
+    import ipaddress
+
+    host = address.rpartition(":")[0].strip("[]") or address
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Failover:
     """The servers in order of preference: the one in use, the next one when it fails (a
     failed one again only after all the others), and why each one tried has failed."""
