@@ -85,7 +85,12 @@ class _Common(_Strict):
     top_p: float | None = Field(None, gt=0, le=1, description="nucleus mass; 1: off")
     top_k: int | None = Field(None, ge=-1, description="extension: keep the k likeliest; -1/0: off")
     min_p: float | None = Field(None, ge=0, lt=1, description="extension: drop p < min_p * max p")
-    seed: int | None = Field(None, ge=0, lt=SEED_LIMIT, description="same seed: same text")
+    seed: int | None = Field(
+        None,
+        ge=0,
+        lt=SEED_LIMIT,
+        description="same seed, same draws: the same text where rounds fall alike (README)",
+    )
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings")
     n: int | None = Field(None, description="choices per request: 1 only")
     stream: bool | None = Field(None, description="server-sent events")
