@@ -1,5 +1,5 @@
 """`specsplit serve` tunes glibc's malloc at start: few arenas, and freed heap pages given
-back every few seconds (``malloc_trim``): KV caches that grow round by round leave blocks
+back every second (``malloc_trim``): KV caches that grow round by round leave blocks
 that are rarely reused whole, which glibc would otherwise keep resident."""
 
 from __future__ import annotations

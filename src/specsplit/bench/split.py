@@ -336,11 +336,11 @@ class SharedDrafter(Proposer):
         self._inner: Proposer | None = None
 
     def propose(self, context, k, params, u) -> Draft:  # noqa: ANN001
-        from specsplit.backends.load import load_backend
-        from specsplit.proposers.draft_model import DraftModelProposer
-
         with self._lock:
             if self._inner is None:
+                from specsplit.backends.load import load_backend
+                from specsplit.proposers.draft_model import DraftModelProposer
+
                 self._inner = DraftModelProposer(
                     load_backend(self.backend, self.model, n_ctx=4096, threads=1)
                 )

@@ -8,6 +8,7 @@ sends the Serve application's name as metadata (a plain server ignores it)."""
 
 from __future__ import annotations
 
+import ipaddress
 import time
 from collections.abc import Sequence
 
@@ -125,8 +126,6 @@ class Link:
 def is_loopback(address: str) -> bool:
     """A HOST:PORT address on this machine (127.0.0.0/8, ::1 or localhost; names are not
     resolved)."""
-    import ipaddress
-
     host = address.rpartition(":")[0].strip("[]") or address
     if host == "localhost":
         return True
