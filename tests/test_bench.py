@@ -269,3 +269,42 @@ def test_tree_system_beside_the_chain_with_its_limit_line(tmp_path):
     assert lim["best_k"] >= 1 and lim["limit_speedup"] > 0
     write_outputs(doc, tmp_path)
     assert "tree[tinydraft]" in (tmp_path / "report.md").read_text()
+
+
+def _limit_rows(asked: list[int]) -> list[dict]:
+    """Ten prompts of a drafter that delivers 4 tokens in half its rounds and none in the
+    other half, all accepted, beside the target alone (1 s per token)."""
+    lengths = [4, 0] * 5
+    run = {
+        "target_passes": 10,
+        "proposed": 20,
+        "pos_proposed": [5, 5, 5, 5],
+        "pos_accepted": [5, 5, 5, 5],
+        "draft_lengths": lengths,
+        "draft_asked": asked,
+        "verify_s": 10.0,
+        "draft_s": 0.0,
+        "total_s": 11.0,
+        "prefill_s": 1.0,
+        "new_tokens": 31,
+    }
+    target = {"total_s": 11.0, "time_to_first_token_s": 1.0, "new_tokens": 11}
+    return [{"results": {"ngram": dict(run), "target": target}} for _ in range(10)]
+
+
+def test_the_limit_line_prices_a_fixed_k_by_the_tokens_the_drafter_delivers():
+    from specsplit.bench.summary import physical_limit
+
+    # rounds that asked for nothing: a fixed K = 4 gives 4 tokens a round -> 5 per pass
+    lim = physical_limit(_limit_rows([4, 0] * 5), "ngram", "target")
+    assert lim["best_k"] == 4 and lim["best_k_limit_speedup"] == pytest.approx(5.0)
+    # rounds that asked for 4 and got none: a fixed K = 4 gives 1 + 0.5 * 4 = 3 per pass
+    lim = physical_limit(_limit_rows([4] * 10), "ngram", "target")
+    assert lim["best_k"] == 4 and lim["best_k_limit_speedup"] == pytest.approx(3.0)
+    assert lim["expected_tokens_per_round"] == pytest.approx(3.0)  # as it ran
+    # runs recorded before draft_asked: as the first
+    old = _limit_rows([4] * 10)
+    for r in old:
+        del r["results"]["ngram"]["draft_asked"]
+    lim = physical_limit(old, "ngram", "target")
+    assert lim["best_k_limit_speedup"] == pytest.approx(5.0)

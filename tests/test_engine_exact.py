@@ -92,6 +92,27 @@ def test_auto_k_can_choose_zero_and_stay_exact(greedy_models):
     assert res.stats.draft_lengths.count(0) >= 20
 
 
+def test_rounds_record_the_k_asked_beside_the_k_delivered(greedy_models):
+    """A draft model delivers the K asked; an n-gram table delivers fewer where its match is
+    short or missing (the physical-limit line prices a fixed K by what it delivers)."""
+    tok = ByteTokenizer(300)
+    target = make_backend("torch", greedy_models[0], tok)
+    req = GenerationRequest(PROMPT, max_new_tokens=40)
+    model = SpeculativeEngine(
+        target, [DraftModelProposer(make_backend("torch", greedy_models[2], tok))], k=3
+    ).generate(req)
+    st = model.stats
+    assert len(st.draft_asked) == len(st.draft_lengths) == st.target_passes
+    assert st.draft_asked == st.draft_lengths and st.draft_asked[1:].count(3) >= 5
+    ngram = SpeculativeEngine(target, [NGramProposer(max_ngram=3, min_ngram=2)], k=6)
+    st = ngram.generate(req).stats
+    assert len(st.draft_asked) == len(st.draft_lengths) == st.target_passes
+    assert all(k <= a for k, a in zip(st.draft_lengths, st.draft_asked, strict=True))
+    rounds = list(zip(st.draft_lengths, st.draft_asked))[1:]  # (after the prefill's token)
+    assert any(k < a for k, a in rounds), "the table always delivered: the test tests nothing"
+    assert max(a for _, a in rounds) == 6 and any(k == 0 < a for k, a in rounds)
+
+
 # ---- sampling: the first tokens are distributed exactly as the target's ----
 
 V = 8

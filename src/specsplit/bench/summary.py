@@ -103,6 +103,22 @@ def summarise(records: list[dict], systems: list[str], baseline: str) -> dict:
     }
 
 
+def _availability(rows: list[dict], n: int) -> np.ndarray:
+    """[n] P(the drafter delivers an i-th token | the policy asked for >= i), i = 1..n, pooled
+    over rounds: 1 for a draft model, below 1 where an n-gram table finds no (or a short)
+    match. Positions never asked for, and runs recorded without ``draft_asked``, count 1."""
+    asked = np.zeros(n)  # [n] rounds that asked for position i
+    got = np.zeros(n)  # [n] rounds whose draft reached position i
+    for r in rows:
+        ks, want = r.get("draft_lengths") or [], r.get("draft_asked") or []
+        if len(ks) != len(want):
+            continue
+        for k, a in zip(ks, want):
+            asked[: min(a, n)] += 1
+            got[: min(k, a, n)] += 1
+    return np.where(asked > 0, got / np.maximum(asked, 1), 1.0)
+
+
 def _decode_rate(rows: list[dict], start: str) -> float | None:
     """Pooled tokens/s after the first token (``start``: the seconds to leave out)."""
     n = sum(max(0, r["new_tokens"] - 1) for r in rows)
@@ -145,11 +161,13 @@ def physical_limit(
     measured time per decoded token. Pooled over every run; None without draft tokens.
 
     - at the K it chose: the rounds it ran, with nothing but drafting and verifying;
-    - at the best fixed K: max over K of E(K) / (K * draft s/token + pass(K)), E(K) = 1 +
-      sum_{i<=K} prod_{j<=i} a_j; pass(K) = a + b * (K + 1) from ``pass_cost`` (the run's
-      fit, see ``pass_cost_fit``) plus this system's network and queue seconds per pass, or
-      without a fit the pass cost as measured for any K (an upper bound where passes are
-      compute-bound);
+    - at the best fixed K: max over K of E(K) / (D(K) * draft s/token + pass(K)), E(K) = 1 +
+      sum_{i<=K} v_i prod_{j<=i} a_j, D(K) = sum_{i<=K} v_i the draft tokens a round gets
+      (v_i: the share of rounds asking for an i-th token that got one, 1 for a draft model,
+      less for an n-gram table that finds no match); pass(K) = a + b * (D(K) + 1) from
+      ``pass_cost`` (the run's fit, see ``pass_cost_fit``) plus this system's network and
+      queue seconds per pass, or without a fit the pass cost as measured for any K (an upper
+      bound where passes are compute-bound);
     - with free drafting: draft cost 0, the longest K measured.
     K = 0 (the target alone, 1.0x) is always a choice of the last two.
     For a tree system (tree[...]) K is the tree's depth and a_j the acceptance at depth j of
@@ -165,23 +183,25 @@ def physical_limit(
     base_rate = _decode_rate(base, "time_to_first_token_s")
     if not passes or not proposed or not alpha or not lengths or not base_rate:
         return None
-    expected = 1 + np.concatenate([[0.0], np.cumsum(np.cumprod(alpha))])  # [K_max + 1] E(K)
-    chosen = float(np.mean([expected[min(k, len(alpha))] for k in lengths]))
+    reach = np.cumprod(alpha)  # [K_max] P(the first i draft tokens all pass)
+    chosen = float(np.mean([1 + reach[: min(k, len(alpha))].sum() for k in lengths]))
+    avail = _availability(rows, len(alpha))  # [K_max]
+    expected = 1 + np.concatenate([[0.0], np.cumsum(avail * reach)])  # [K_max + 1] E(K)
+    drafted = np.concatenate([[0.0], np.cumsum(avail)])  # [K_max + 1] D(K)
     per_draft = _sum(rows, "draft_s") / proposed
     overhead = (_sum(rows, "network_s") + _sum(rows, "queue_s")) / passes
     per_pass = _sum(rows, "verify_s") / passes + overhead
     cost = _sum(rows, "draft_s") / passes + per_pass
     if per_pass <= 0:
         return None
-    ks = np.arange(len(expected))  # [K_max + 1]
     # tokens a pass verifies per level of draft (1 for a chain, the tree's width for a tree)
     per_level = max(1.0, proposed / max(1, sum(lengths)))
     if pass_cost is not None:
         a, b = pass_cost
-        pass_k = a + b * (1 + ks * per_level) + overhead  # [K_max + 1] s per pass at K
+        pass_k = a + b * (1 + drafted * per_level) + overhead  # [K_max + 1] s per pass at K
     else:
-        pass_k = np.full(len(ks), per_pass)
-    rate = expected / (ks * per_draft * per_level + pass_k)  # [K_max + 1] tokens/s at K
+        pass_k = np.full(len(drafted), per_pass)
+    rate = expected / (drafted * per_draft * per_level + pass_k)  # [K_max + 1] tokens/s at K
     best = int(np.argmax(rate[1:])) + 1
     measured = _decode_rate(rows, "prefill_s")
     return {

@@ -86,7 +86,7 @@ def _engine_figures(res, wire: tuple[int, int] | None = None) -> dict:  # noqa: 
     out = _timed(res.token_ids, res.finish_reason == "eos", st.t_first_token, st.t_total)
     keys = (
         "target_passes proposed accepted acceptance_rate mean_accepted_length "
-        "per_position_acceptance draft_lengths round_trips dropped_draft_tokens"
+        "per_position_acceptance draft_lengths draft_asked round_trips dropped_draft_tokens"
     ).split()
     out.update({k: d[k] for k in keys})
     out.update(

@@ -26,6 +26,8 @@ class GenerationStats:
     pos_proposed: list[int] = field(default_factory=list)  # [K_max] reached position i
     pos_accepted: list[int] = field(default_factory=list)  # [K_max] accepted at position i
     draft_lengths: list[int] = field(default_factory=list)  # K of each round
+    # K the policy asked of the drafter each round (an n-gram table may deliver fewer)
+    draft_asked: list[int] = field(default_factory=list)
     t_prefill: float = 0.0  # seconds
     t_draft: float = 0.0
     t_verify: float = 0.0
@@ -40,10 +42,12 @@ class GenerationStats:
     bytes_sent: int = 0  # to the verifier, on the wire (remote verifiers)
     bytes_received: int = 0
 
-    def record_round(self, k: int, n_accepted: int, emitted: int) -> None:
-        """One verification pass over k draft tokens, of which n_accepted passed."""
+    def record_round(self, k: int, n_accepted: int, emitted: int, asked: int = 0) -> None:
+        """One verification pass over k draft tokens (``asked``: the K asked for, >= k), of
+        which n_accepted passed."""
         self.target_passes += 1
         self.draft_lengths.append(k)
+        self.draft_asked.append(max(k, asked))
         self.proposed += k
         self.accepted += n_accepted
         self.rejected_rounds += int(n_accepted < k)
@@ -104,5 +108,6 @@ class GenerationStats:
             "proposed": self.proposed,
             "accepted": self.accepted,
             "draft_lengths": self.draft_lengths,
+            "draft_asked": self.draft_asked,
             "seed": self.seed,
         }

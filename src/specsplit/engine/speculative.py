@@ -102,6 +102,7 @@ class _InFlight:
     pipelined: bool = False
     shape: TreeShape | None = None  # a one-drafter tree round: its shape
     t_draft: float = 0.0  # seconds drafting the tree took
+    asked: int = 0  # draft tokens the policy asked for (a tree: its depth; may get fewer)
 
 
 class _Run:
@@ -119,12 +120,14 @@ class _Run:
         self.finish: str | None = None
         self.piece, self.new, self.origins = "", [], []
 
-    def take(self, tokens: list[int], origins: list[str], k: int, n_accepted: int) -> Chunk | None:
+    def take(
+        self, tokens: list[int], origins: list[str], k: int, n_accepted: int, asked: int = 0
+    ) -> Chunk | None:
         """Commit a round's tokens (cut at EOS, the budget, a stop string, the context); the
         chunk to stream, or None once the request has finished (see ``last``)."""
         budget = self.req.max_new_tokens - len(self.out)
         new, self.finish = DecodeLoop._cut(tokens, budget, self.eos)
-        self.stats.record_round(k, n_accepted, len(new) + (self.finish == "eos"))
+        self.stats.record_round(k, n_accepted, len(new) + (self.finish == "eos"), asked)
         self.out += new
         self.context += new
         cut = self.text.find_stop(self.out)
@@ -260,7 +263,8 @@ class DecodeLoop:
         else:
             k = self.policy.choose(min(budget - 1, cap))
             drafts = fit_round(self._draft(context, k, params, draws, stats), cap)
-            cur = _InFlight(self.verifier.submit(drafts, version), drafts, time.perf_counter())
+            fut = self.verifier.submit(drafts, version)
+            cur = _InFlight(fut, drafts, time.perf_counter(), asked=k)
         live = [d.tokens for d in cur.drafts if d.tokens]
         chain = live[0][int(cur.pipelined) :] if live else []
         # after this round: budget - len(chain) - 1 tokens to go, room - len(chain) - 1 left
@@ -272,7 +276,7 @@ class DecodeLoop:
         if len(d2[0].tokens) < 2:
             return cur, None
         fut2 = self.verifier.submit(d2, version + 1, pipelined=True)
-        return cur, _InFlight(fut2, d2, time.perf_counter(), pipelined=True)
+        return cur, _InFlight(fut2, d2, time.perf_counter(), pipelined=True, asked=k2)
 
     def _send_tree(
         self,
@@ -302,7 +306,9 @@ class DecodeLoop:
         stats.t_draft += dt
         drafts = fit_round(drafts, cap)
         fut = self.verifier.submit(drafts, version)
-        return _InFlight(fut, drafts, time.perf_counter(), shape=shape, t_draft=dt)
+        return _InFlight(
+            fut, drafts, time.perf_counter(), shape=shape, t_draft=dt, asked=shape.depth
+        )
 
     def _resume(
         self,
@@ -431,7 +437,7 @@ class DecodeLoop:
                     accepted = live[outcome.chain][int(cur.pipelined) :][: outcome.n_accepted]
                 origins = self._origins(cur, outcome, len(accepted))
                 new = [*accepted, outcome.next_token]
-                chunk = run.take(new, origins, k_used, outcome.n_accepted)
+                chunk = run.take(new, origins, k_used, outcome.n_accepted, cur.asked)
                 if chunk is not None:
                     yield chunk
             stats.t_total = time.perf_counter() - t_arrival
