@@ -404,6 +404,32 @@ def test_the_drafter_prefills_beside_only_a_target_on_another_machine(
     assert (events.index("drafter prefill") < events.index(("chunk", first.token_ids))) == beside
 
 
+def test_the_drafter_prefills_the_prompt_only_where_the_policy_would_draft(models, tok):
+    """On one machine the drafter's prompt prefill waits until the policy would draft: a
+    policy at K = 0 (drafting does not pay) leaves it out, and a probe catches up later."""
+    from specsplit.engine.draft_length import AdaptiveK
+
+    events: list = []
+    target = Recording(_target(models, tok), events)
+    policy = AdaptiveK(k_max=4, learn_costs=False, probe_margin=0.0)
+    policy.verify.add(1, 0.01)
+    policy.verify.add(5, 0.011)  # (memory-bound passes)
+    policy.draft_per_token = 10.0  # drafting looks hopelessly slow: K = 0
+    loop = DecodeLoop(target, [PrepareNoted(TorchBackend(models[1], tok), events)], policy)
+    req = GenerationRequest(PROMPT, 40)
+    res = list(loop.stream(req))[-1].result
+    assert res.token_ids == SpeculativeEngine(_target(models, tok)).generate(req).token_ids
+    assert "drafter prefill" not in events  # (the probes drafted: their drafter caught up)
+    assert sum(1 for k in res.stats.draft_lengths if k) >= 2
+    policy.draft_per_token = 0.0  # drafting pays: the prompt is prefilled as before
+    events.clear()
+    list(loop.stream(req))
+    assert events.count("drafter prefill") == 1
+    events.clear()  # one token asked: nothing to draft for
+    list(loop.stream(GenerationRequest(PROMPT, 1)))
+    assert "drafter prefill" not in events
+
+
 def test_a_loopback_address_is_this_machine():
     from specsplit.transport.link import is_loopback
 

@@ -78,6 +78,25 @@ def test_adaptive_k_long_when_verification_is_memory_bound():
     assert _policy(costs, 0.018, 0.85).choose(3) == 3
 
 
+def test_a_policy_says_whether_its_next_round_drafts_without_counting_a_round():
+    from specsplit.engine.tree_policy import AdaptiveTree, FixedTree
+
+    assert FixedK(3).drafts(5) and not FixedK(3).drafts(0) and not FixedK(0).drafts(5)
+    assert FixedTree(2, 3).drafts(4) and not FixedTree(2, 3).drafts(0)
+    llama = _policy({1: 0.031, 5: 0.081, 9: 0.140, 17: 0.157}, 0.018, 0.9)
+    torch = _policy({1: 0.338, 5: 0.40, 9: 0.45, 17: 0.74}, 0.018, 0.85)
+    assert not llama.drafts(100) and torch.drafts(100) and not torch.drafts(0)
+    llama.probe_every = 1
+    assert not llama.drafts(100) and llama.chosen == []  # (a probe is choose's, not drafts')
+    tree = AdaptiveTree(k_max=6, learn_costs=False)
+    tree.verify.add(1, 0.01)
+    tree.verify.add(25, 0.012)
+    tree.draft_per_token = 0.0005
+    assert tree.drafts(6)
+    tree.draft_per_token = 10.0  # drafting looks hopelessly slow
+    assert not tree.drafts(6) and tree.chosen == []
+
+
 def test_adaptive_k_probes_after_long_run_of_zero():
     # cheap verification, but the drafter has been failing: K = 0, with a probe now and then
     p = _policy({1: 0.1, 5: 0.12}, 0.01, 0.05)

@@ -41,6 +41,11 @@ class DraftLengthPolicy(ABC):
         from earlier texts less, since acceptance depends on the text (code against chat)."""
         return None
 
+    def drafts(self, limit: int) -> bool:
+        """Would the next round draft, as the policy stands (probes aside)? If not, the loop
+        leaves the drafters' prompt prefill until they first draft: they catch up then."""
+        return limit > 0
+
 
 CARRY = 0.1  # the weight earlier requests' acceptance counts keep when a new one begins
 
@@ -53,6 +58,9 @@ class FixedK(DraftLengthPolicy):
 
     def choose(self, limit: int) -> int:
         return max(0, min(self.k, limit))
+
+    def drafts(self, limit: int) -> bool:
+        return self.choose(limit) > 0
 
 
 class CostTable:
@@ -154,6 +162,9 @@ class AdaptiveK(DraftLengthPolicy):
             for k in ks
         )
         return best > self.probe_margin * self.rate(0)
+
+    def drafts(self, limit: int) -> bool:
+        return max(range(0, max(0, min(self.k_max, limit)) + 1), key=self.rate) > 0
 
     def choose(self, limit: int) -> int:
         ks = range(0, max(0, min(self.k_max, limit)) + 1)

@@ -376,9 +376,9 @@ class DecodeLoop:
                 chunk = run.take([first], ["target"], 0, 0)
                 if chunk is not None:
                     yield chunk
-            if prepare is not None:  # the drafters' prompt prefill, once the first token is out
-                unjoined = None
-                prepare()
+            if prepare is not None and (beside or self._drafts_first(req, run)):
+                unjoined = None  # the drafters' prompt prefill, once the first token is out
+                prepare()  # (where the policy would not draft yet, they catch up when it does)
             stats.t_prefill = time.perf_counter() - t_arrival  # (both models ready to go on)
             ahead: _InFlight | None = None
             while run.finish is None:
@@ -449,6 +449,16 @@ class DecodeLoop:
                 with suppress(Exception):
                     unjoined()
             self.verifier.close()
+
+    def _drafts_first(self, req: GenerationRequest, run: _Run) -> bool:
+        """Would the first round draft? (A drafter's prompt prefill costs the first token's
+        wait or more; where drafting does not pay, e.g. a 0.5B drafter beside a llama.cpp
+        1.5B target on a CPU, it is left until a probe drafts.)"""
+        if run.finish is not None:
+            return False
+        budget = req.max_new_tokens - len(run.out)
+        cap = min(self.verifier.n_ctx - len(run.context) - 1, self.verifier.max_draft)
+        return self.policy.drafts(min(budget - 1, cap))
 
     def _open(
         self, context: list[int], params: SamplingParams, seed: int, first: bool, beside: bool

@@ -48,6 +48,10 @@ class TreePolicy(ABC):
         """A new text begins (see DraftLengthPolicy.new_request)."""
         return None
 
+    def drafts(self, depth_limit: int) -> bool:
+        """Would the next round draft (see DraftLengthPolicy.drafts)?"""
+        return depth_limit > 0
+
 
 def parse_tree(text: str) -> tuple[int, int] | None:
     """``WIDTHxDEPTH`` -> (width, depth); ``auto`` -> None (the adaptive policy)."""
@@ -75,6 +79,9 @@ class FixedTree(TreePolicy):
 
     def __init__(self, width: int, depth: int) -> None:
         self.width, self.depth = width, depth
+
+    def drafts(self, depth_limit: int) -> bool:
+        return min(self.depth, depth_limit) > 0
 
     def choose(self, depth_limit: int, node_cap: int, paths: int) -> TreeShape:
         depth = max(0, min(self.depth, depth_limit, node_cap))
@@ -138,6 +145,10 @@ class AdaptiveTree(TreePolicy):
     def rate(self, width: int, depth: int) -> float:
         cost = self.draft_time(width, depth) + self.round_overhead + self.verify(width * depth + 1)
         return self.expected_tokens(width, depth) / max(cost, 1e-9)
+
+    def drafts(self, depth_limit: int) -> bool:
+        depths = range(1, min(self.k_max, depth_limit) + 1)
+        return any(self.rate(w, d) > self.rate(1, 0) for w in self.widths for d in depths)
 
     def choose(self, depth_limit: int, node_cap: int, paths: int) -> TreeShape:
         shapes = [(1, 0)] + [
