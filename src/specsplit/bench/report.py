@@ -482,7 +482,8 @@ def _doc_section(doc: dict) -> list[str]:
             "### The policy against its limit, by category",
             "",
             "Measured speedup after the prefill / physical limit at the best fixed K (tree: "
-            f"depth) = their ratio; {priced}.",
+            f"depth) = their ratio; {priced}. A fixed K counts the draft tokens the drafter "
+            "delivered where asked (an n-gram table without a match delivers none).",
             "",
             *table,
             "",
