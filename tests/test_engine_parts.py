@@ -104,6 +104,17 @@ def test_adaptive_k_probes_after_long_run_of_zero():
     assert [p.choose(10) for _ in range(4)] == [0, 0, 0, 2]
 
 
+def test_a_probe_waits_while_its_drafters_catch_up_would_cost_more_than_it_may():
+    # as above, but the drafter would first read a prompt it skipped: 0.2 s, and a probe may
+    # spend a quarter of the plain rounds (0.1 s each) since the last one: 8 rounds
+    p = _policy({1: 0.1, 5: 0.12}, 0.01, 0.05)
+    p.probe_every = 4
+    p.catch_up_s = 0.2
+    assert [p.choose(10) for _ in range(8)] == [0] * 7 + [2]
+    p.catch_up_s = 0.0
+    assert [p.choose(10) for _ in range(4)] == [0, 0, 0, 2]
+
+
 def test_adaptive_k_does_not_probe_when_even_full_acceptance_cannot_pay():
     p = _policy({1: 0.03, 5: 0.2}, 0.05, 0.5)
     p.probe_every = 2

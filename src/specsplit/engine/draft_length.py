@@ -48,6 +48,15 @@ class DraftLengthPolicy(ABC):
 
 
 CARRY = 0.1  # the weight earlier requests' acceptance counts keep when a new one begins
+# a probe (K > 0 while K = 0 wins) waits until its drafters' catch-up (a prompt they did not
+# prefill, the rounds they sat out) costs at most this share of the plain rounds since the
+# last probe: a 0.5B drafter reading an 800-token prompt it skipped takes seconds
+PROBE_CATCH_UP = 0.25
+
+
+def probe_affordable(catch_up_s: float, rounds: int, round_s: float) -> bool:
+    """Is a probe's catch-up (seconds) within PROBE_CATCH_UP of ``rounds`` plain rounds?"""
+    return catch_up_s <= PROBE_CATCH_UP * rounds * round_s
 
 
 class FixedK(DraftLengthPolicy):
@@ -130,6 +139,7 @@ class AdaptiveK(DraftLengthPolicy):
         self.probe_margin = probe_margin
         self.learn_costs = learn_costs  # False: keep the costs set by hand (tests, replays)
         self.chosen: list[int] = []
+        self.catch_up_s = 0.0  # what the drafters would first read before the next draft
 
     def alphas(self) -> np.ndarray:
         """Per-position acceptance estimates [k_max], shrunk towards the overall rate."""
@@ -171,7 +181,9 @@ class AdaptiveK(DraftLengthPolicy):
         k = max(ks, key=self.rate)
         if k == 0 and limit >= 2 and self._could_pay(ks):
             self._since_probe += 1
-            if self._since_probe >= self.probe_every:  # keep the estimates alive
+            if self._since_probe >= self.probe_every and probe_affordable(
+                self.catch_up_s, self._since_probe, self.verify(1) + self.round_overhead
+            ):  # keep the estimates alive
                 self._since_probe = 0
                 k = 2
         self.chosen.append(k)

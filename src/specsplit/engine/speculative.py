@@ -256,6 +256,8 @@ class DecodeLoop:
         round stay within the verifier's limit (``max_draft``), several chains included."""
         room = self.verifier.n_ctx - len(context)
         cap = min(room - 1, self.verifier.max_draft)  # draft tokens one round may hold
+        if isinstance(self.policy, AdaptiveK | AdaptiveTree) and ahead is None:
+            self.policy.catch_up_s = sum(p.catch_up_s(context) for p in self.proposers)
         if ahead is not None:
             cur = ahead
         elif isinstance(self.policy, TreePolicy):

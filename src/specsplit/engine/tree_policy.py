@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from specsplit.engine.draft_length import CARRY, CostTable
+from specsplit.engine.draft_length import CARRY, CostTable, probe_affordable
 from specsplit.errors import ConfigError
 from specsplit.proposers.draft_tree import TreeShape
 
@@ -113,6 +113,7 @@ class AdaptiveTree(TreePolicy):
         self.prop = {w: np.zeros(k_max) for w in widths}  # [k_max] decayed reached depth
         self._since_probe = 0
         self.chosen: list[tuple[int, int]] = []
+        self.catch_up_s = 0.0  # what the drafter would first read before the next draft
 
     def alphas(self, width: int) -> np.ndarray:
         """Per-depth acceptance [k_max] of width-``width`` trees: measured, shrunk towards
@@ -161,7 +162,9 @@ class AdaptiveTree(TreePolicy):
         first = float(self.alphas(1)[0])  # how often a first draw passes: ranks the others
         if d == 0 and len(shapes) > 1:
             self._since_probe += 1
-            if self._since_probe >= self.probe_every:  # keep the estimates alive
+            if self._since_probe >= self.probe_every and probe_affordable(
+                self.catch_up_s, self._since_probe, self.rate(1, 0) ** -1
+            ):  # keep the estimates alive
                 self._since_probe = 0
                 w, d = shapes[1]
         self.chosen.append((w, d))

@@ -49,6 +49,11 @@ class Proposer(ABC):
 
     prepares: bool = False  # prepare() does work worth running beside the target's prefill
 
+    def catch_up_s(self, context: Sequence[int]) -> float:
+        """Seconds the next draft would spend first reading the part of context [n] this
+        drafter has not seen (a prompt it did not prefill, rounds it sat out); 0: none."""
+        return 0.0
+
     def prepare(self, context: Sequence[int]) -> None:
         """Optional: catch up on context [n] (the prompt) before the first draft."""
         return None

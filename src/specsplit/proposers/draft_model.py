@@ -29,7 +29,15 @@ class DraftModelProposer(Proposer):
     prefix each round, so rejected draft tokens are rolled back with ``truncate``.
     """
 
-    def __init__(self, backend: Backend, top_m: int | None = None, quantize: bool = False) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        top_m: int | None = None,
+        quantize: bool = False,
+        window: int = 0,
+    ) -> None:
+        if window < 0:
+            raise ValueError(f"window must be >= 0 (0: the whole text), got {window}")
         self.backend = backend
         self.name = f"draft:{backend.name}"
         # truncate q to its top-m tokens before sampling (0 = off); a quantized q crosses the
@@ -38,10 +46,30 @@ class DraftModelProposer(Proposer):
         self.quantize = quantize  # sample from q quantized to counts / 2**16 (sent on the wire)
         self._seq = backend.new_sequence()
         self._fed: list[int] = []  # tokens in the drafter's KV cache, in order
+        # 0: the drafter reads the whole text; else a text's last ``window`` tokens when its
+        # cache is rebuilt (a prompt), and everything after them: a long prompt's prefill
+        # costs the drafter ``window`` tokens (any q keeps the output exact)
+        self.window = window
+        self._start = 0  # the text position of the cache's first token
         self.tree_seconds = 0.0  # the last tree's drafting time after the catch-up pass
+        self.prefill_per_token = 0.0  # seconds per token of a catch-up over many (measured)
+
+    def _view(self, context: Sequence[int]) -> Sequence[int]:
+        """The part of context [n] the drafter reads: all of it, or (``window``) from where
+        its cache starts, moved to the last ``window`` tokens when the cache holds another
+        text (less than half of it matches: a round's rollback drops only its draft)."""
+        if not self.window:
+            return context
+        s, m = self._start, 0
+        while m < len(self._fed) and s + m < len(context) and context[s + m] == self._fed[m]:
+            m += 1
+        if 2 * m <= len(self._fed):
+            self._start = s = max(0, len(context) - self.window)
+        return context[s:]
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Bring the cache to context [n]; return logits [V] for the next token."""
+        context = self._view(context)
         n = min(len(self._fed), len(context) - 1)  # always re-feed >= 1 token for fresh logits
         m = 0
         while m < n and self._fed[m] == context[m]:
@@ -50,11 +78,20 @@ class DraftModelProposer(Proposer):
             self.backend.truncate(self._seq, m)
             del self._fed[m:]
         new = [int(t) for t in context[m:]]
+        t0 = time.perf_counter()
         logits = self.backend.prefill(self._seq, new) if len(new) > 64 else None
         if logits is None:
             logits = self.backend.forward(self._seq, new)[-1]
+        if len(new) >= 32:  # (a pass over many tokens: what a long catch-up costs a token)
+            per = (time.perf_counter() - t0) / len(new)
+            old = self.prefill_per_token
+            self.prefill_per_token = per if old == 0 else 0.7 * old + 0.3 * per
         self._fed.extend(new)
         return logits
+
+    def catch_up_s(self, context: Sequence[int]) -> float:
+        behind = len(self._view(context)) - len(self._fed)  # (if the cache is a prefix)
+        return max(0, behind) * self.prefill_per_token
 
     def _q(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         """The exact distribution [V] a sampled token comes from after logits [V]."""
@@ -131,3 +168,4 @@ class DraftModelProposer(Proposer):
     def reset(self) -> None:
         self.backend.truncate(self._seq, 0)
         self._fed = []
+        self._start = 0
