@@ -180,42 +180,6 @@ def test_sampled_tokens_follow_target_distribution(name, small_vocab_models):
     _assert_matches(counts, _exact_joint(target, params))
 
 
-def test_a_drafter_reading_the_last_tokens_only_keeps_the_target_distribution(
-    small_vocab_models,
-):
-    """A drafter that reads the prompt's last 2 tokens (``window``) proposes from another q;
-    the output is still distributed as the target's."""
-    params = SamplingParams(temperature=1.0, top_p=0.9)
-    tok = TinyTokenizer(V)
-    target = make_backend("numpy", small_vocab_models[0], tok)
-    draft = DraftModelProposer(make_backend("numpy", small_vocab_models[1], tok), window=2)
-    engine = SpeculativeEngine(target, [draft], k=2)
-    counts = Counter()
-    for seed in range(N):
-        res = engine.generate(GenerationRequest(SAMPLED_PROMPT, 3, params, seed=seed))
-        counts[tuple(res.token_ids[:2])] += 1
-        assert len(draft._fed) <= 2 + 3  # (the window, then what it drafted on)
-    _assert_matches(counts, _exact_joint(target, params))
-
-
-def test_a_windowed_drafter_gives_the_target_greedy_text_prompt_after_prompt(greedy_models):
-    tok = ByteTokenizer(300)
-    target = make_backend("torch", greedy_models[0], tok)
-    draft = DraftModelProposer(make_backend("torch", greedy_models[1], tok), window=12)
-    engine = SpeculativeEngine(target, [draft], k=3)
-    accepted = 0
-    for prompt in (PROMPT, PROMPT[3:] + PROMPT[:3], PROMPT[:8]):
-        req = GenerationRequest(prompt, 32)
-        res = engine.generate(req)
-        assert res.token_ids == SpeculativeEngine(target).generate(req).token_ids
-        # the window moved to this text (read after the first token, from the prefill)
-        assert draft._start == max(0, len(prompt) + 1 - 12)
-        accepted += res.stats.accepted
-    assert accepted > 0
-    with pytest.raises(ValueError, match="window"):
-        DraftModelProposer(make_backend("torch", greedy_models[1], tok), window=-1)
-
-
 def test_a_drafter_knows_what_catching_up_would_cost_it(greedy_models):
     tok = ByteTokenizer(300)
     draft = DraftModelProposer(make_backend("torch", greedy_models[1], tok))
@@ -224,10 +188,6 @@ def test_a_drafter_knows_what_catching_up_would_cost_it(greedy_models):
     draft.prepare(text)  # one pass over 48 tokens: measured
     assert draft.prefill_per_token > 0 and draft.catch_up_s(text) == 0.0
     assert draft.catch_up_s(text + PROMPT) == pytest.approx(16 * draft.prefill_per_token)
-    windowed = DraftModelProposer(make_backend("torch", greedy_models[1], tok), window=40)
-    windowed.prepare(text)
-    assert len(windowed._fed) == 40  # (the window's tokens only)
-    assert windowed.catch_up_s(text + PROMPT) == pytest.approx(16 * windowed.prefill_per_token)
 
 
 def test_two_drafters_sampled_follow_target_distribution(small_vocab_models):

@@ -29,15 +29,7 @@ class DraftModelProposer(Proposer):
     prefix each round, so rejected draft tokens are rolled back with ``truncate``.
     """
 
-    def __init__(
-        self,
-        backend: Backend,
-        top_m: int | None = None,
-        quantize: bool = False,
-        window: int = 0,
-    ) -> None:
-        if window < 0:
-            raise ValueError(f"window must be >= 0 (0: the whole text), got {window}")
+    def __init__(self, backend: Backend, top_m: int | None = None, quantize: bool = False) -> None:
         self.backend = backend
         self.name = f"draft:{backend.name}"
         # truncate q to its top-m tokens before sampling (0 = off); a quantized q crosses the
@@ -46,30 +38,11 @@ class DraftModelProposer(Proposer):
         self.quantize = quantize  # sample from q quantized to counts / 2**16 (sent on the wire)
         self._seq = backend.new_sequence()
         self._fed: list[int] = []  # tokens in the drafter's KV cache, in order
-        # 0: the drafter reads the whole text; else a text's last ``window`` tokens when its
-        # cache is rebuilt (a prompt), and everything after them: a long prompt's prefill
-        # costs the drafter ``window`` tokens (any q keeps the output exact)
-        self.window = window
-        self._start = 0  # the text position of the cache's first token
         self.tree_seconds = 0.0  # the last tree's drafting time after the catch-up pass
         self.prefill_per_token = 0.0  # seconds per token of a catch-up over many (measured)
 
-    def _view(self, context: Sequence[int]) -> Sequence[int]:
-        """The part of context [n] the drafter reads: all of it, or (``window``) from where
-        its cache starts, moved to the last ``window`` tokens when the cache holds another
-        text (less than half of it matches: a round's rollback drops only its draft)."""
-        if not self.window:
-            return context
-        s, m = self._start, 0
-        while m < len(self._fed) and s + m < len(context) and context[s + m] == self._fed[m]:
-            m += 1
-        if 2 * m <= len(self._fed):
-            self._start = s = max(0, len(context) - self.window)
-        return context[s:]
-
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Bring the cache to context [n]; return logits [V] for the next token."""
-        context = self._view(context)
         n = min(len(self._fed), len(context) - 1)  # always re-feed >= 1 token for fresh logits
         m = 0
         while m < n and self._fed[m] == context[m]:
@@ -90,7 +63,7 @@ class DraftModelProposer(Proposer):
         return logits
 
     def catch_up_s(self, context: Sequence[int]) -> float:
-        behind = len(self._view(context)) - len(self._fed)  # (if the cache is a prefix)
+        behind = len(context) - len(self._fed)  # (if the cache holds a prefix of it)
         return max(0, behind) * self.prefill_per_token
 
     def _q(self, logits: np.ndarray, params: SamplingParams) -> np.ndarray:
@@ -168,4 +141,3 @@ class DraftModelProposer(Proposer):
     def reset(self) -> None:
         self.backend.truncate(self._seq, 0)
         self._fed = []
-        self._start = 0
