@@ -274,9 +274,9 @@ def test_tree_system_beside_the_chain_with_its_limit_line(tmp_path):
 def _limit_rows(asked: list[int]) -> list[dict]:
     """Ten prompts of a drafter that delivers 4 tokens in half its rounds and none in the
     other half, all accepted, beside the target alone (1 s per token)."""
-    lengths = [4, 0] * 5
+    lengths = [0] + [4, 0] * 5  # (first: the prefill's token)
     run = {
-        "target_passes": 10,
+        "target_passes": 11,
         "proposed": 20,
         "pos_proposed": [5, 5, 5, 5],
         "pos_accepted": [5, 5, 5, 5],
@@ -296,14 +296,14 @@ def test_the_limit_line_prices_a_fixed_k_by_the_tokens_the_drafter_delivers():
     from specsplit.bench.summary import physical_limit
 
     # rounds that asked for nothing: a fixed K = 4 gives 4 tokens a round -> 5 per pass
-    lim = physical_limit(_limit_rows([4, 0] * 5), "ngram", "target")
+    lim = physical_limit(_limit_rows([0] + [4, 0] * 5), "ngram", "target")
     assert lim["best_k"] == 4 and lim["best_k_limit_speedup"] == pytest.approx(5.0)
     # rounds that asked for 4 and got none: a fixed K = 4 gives 1 + 0.5 * 4 = 3 per pass
-    lim = physical_limit(_limit_rows([4] * 10), "ngram", "target")
+    lim = physical_limit(_limit_rows([0] + [4] * 10), "ngram", "target")
     assert lim["best_k"] == 4 and lim["best_k_limit_speedup"] == pytest.approx(3.0)
     assert lim["expected_tokens_per_round"] == pytest.approx(3.0)  # as it ran
     # runs recorded before draft_asked: as the first
-    old = _limit_rows([4] * 10)
+    old = _limit_rows([0] + [4] * 10)
     for r in old:
         del r["results"]["ngram"]["draft_asked"]
     lim = physical_limit(old, "ngram", "target")

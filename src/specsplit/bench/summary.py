@@ -126,6 +126,12 @@ def _decode_rate(rows: list[dict], start: str) -> float | None:
     return n / t if n and t > 0 else None
 
 
+def _rounds(row: dict) -> int:
+    """A run's verification rounds: its target passes but the prompt's prefill, whose pass
+    gave the first token (its time is the prefill's, not verify_s)."""
+    return max(0, (row.get("target_passes") or 0) - 1)
+
+
 def pass_cost_fit(records: list[dict], systems: list[str]) -> tuple[float, float] | None:
     """Seconds per target pass as a + b * (tokens in the pass), fitted by least squares over
     every prompt of the given (local) systems: verify_s = a * passes + b * (passes +
@@ -136,11 +142,7 @@ def pass_cost_fit(records: list[dict], systems: list[str]) -> tuple[float, float
         r["results"][s] for r in records for s in systems if s in r["results"]
     ]  # (each prompt's run of each system)
     x = np.array(
-        [
-            [r["target_passes"], r["target_passes"] + r["proposed"]]
-            for r in rows
-            if r.get("target_passes")
-        ],
+        [[_rounds(r), _rounds(r) + r["proposed"]] for r in rows if r.get("target_passes")],
         dtype=float,
     )  # [rows, 2] passes, tokens verified
     y = np.array([r["verify_s"] for r in rows if r.get("target_passes")], dtype=float)  # [rows]
@@ -177,9 +179,10 @@ def physical_limit(
     The measured figure beside them is the pooled tokens/s after the prompt's prefill."""
     rows = [r["results"][system] for r in records if system in r["results"]]
     base = [r["results"][baseline] for r in records if baseline in r["results"]]
-    passes, proposed = _sum(rows, "target_passes"), _sum(rows, "proposed")
+    passes, proposed = sum(_rounds(r) for r in rows), _sum(rows, "proposed")
     alpha = _pooled_positions(rows)
-    lengths = [k for r in rows for k in (r.get("draft_lengths") or [])]
+    # each round's K, the prefill's first token (the first entry) left out
+    lengths = [k for r in rows for k in (r.get("draft_lengths") or [])[1:]]
     base_rate = _decode_rate(base, "time_to_first_token_s")
     if not passes or not proposed or not alpha or not lengths or not base_rate:
         return None
