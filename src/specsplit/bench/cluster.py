@@ -219,11 +219,7 @@ def cmd_overhead(ns: argparse.Namespace) -> dict:
                 res = edges[name].engine.generate(req)
                 st = res.stats
                 rec["results"][name] = {
-                    **{
-                        k: v
-                        for k, v in st.as_dict().items()
-                        if k not in ("draft_lengths", "draft_asked")
-                    },
+                    **st.as_dict(rounds=False),
                     "token_ids": res.token_ids,
                     "network_ms_per_round_trip": 1e3 * st.t_network / max(1, st.round_trips),
                 }

@@ -186,11 +186,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
             }
             res = spec.generate(req)
             rec["results"]["local"] = {
-                **{
-                    k: v
-                    for k, v in res.stats.as_dict().items()
-                    if k not in ("draft_lengths", "draft_asked")
-                },
+                **res.stats.as_dict(rounds=False),
                 "greedy_equal": res.token_ids == ref.token_ids if params.greedy else None,
             }
             for r in rtts:
@@ -210,11 +206,7 @@ def cmd_rtt(ns: argparse.Namespace) -> dict:
                     res = dec.engine.generate(req)
                     st = res.stats
                     rec["results"][name] = {
-                        **{
-                            k: v
-                            for k, v in st.as_dict().items()
-                            if k not in ("draft_lengths", "draft_asked")
-                        },
+                        **st.as_dict(rounds=False),
                         "wire_bytes_up": px.bytes_up,
                         "wire_bytes_down": px.bytes_down,
                         "wire_bytes_per_token": (px.bytes_up + px.bytes_down)

@@ -174,10 +174,13 @@ class AdaptiveK(DraftLengthPolicy):
         return best > self.probe_margin * self.rate(0)
 
     def drafts(self, limit: int) -> bool:
-        return max(range(0, max(0, min(self.k_max, limit)) + 1), key=self.rate) > 0
+        return max(self._ks(limit), key=self.rate) > 0
+
+    def _ks(self, limit: int) -> range:
+        return range(0, max(0, min(self.k_max, limit)) + 1)
 
     def choose(self, limit: int) -> int:
-        ks = range(0, max(0, min(self.k_max, limit)) + 1)
+        ks = self._ks(limit)
         k = max(ks, key=self.rate)
         if k == 0 and limit >= 2 and self._could_pay(ks):
             self._since_probe += 1

@@ -80,7 +80,9 @@ class GenerationStats:
         dt = self.t_total - self.t_first_token
         return (self.new_tokens - 1) / dt if self.new_tokens > 1 and dt > 0 else 0.0
 
-    def as_dict(self) -> dict:
+    def as_dict(self, rounds: bool = True) -> dict:
+        """Every figure; ``rounds=False`` leaves out the per-round lists (K asked and given)."""
+        per_round = {"draft_lengths": self.draft_lengths, "draft_asked": self.draft_asked}
         return {
             "new_tokens": self.new_tokens,
             "tokens_per_s": self.tokens_per_s,
@@ -107,7 +109,6 @@ class GenerationStats:
             "rejected_rounds": self.rejected_rounds,
             "proposed": self.proposed,
             "accepted": self.accepted,
-            "draft_lengths": self.draft_lengths,
-            "draft_asked": self.draft_asked,
+            **(per_round if rounds else {}),
             "seed": self.seed,
         }

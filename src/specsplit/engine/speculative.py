@@ -255,7 +255,7 @@ class DecodeLoop:
         so K stays within the token budget and the context left; the draft tokens of one
         round stay within the verifier's limit (``max_draft``), several chains included."""
         room = self.verifier.n_ctx - len(context)
-        cap = min(room - 1, self.verifier.max_draft)  # draft tokens one round may hold
+        cap = self._draft_cap(context)
         if isinstance(self.policy, AdaptiveK | AdaptiveTree) and ahead is None:
             self.policy.catch_up_s = sum(p.catch_up_s(context) for p in self.proposers)
         if ahead is not None:
@@ -459,8 +459,11 @@ class DecodeLoop:
         if run.finish is not None:
             return False
         budget = req.max_new_tokens - len(run.out)
-        cap = min(self.verifier.n_ctx - len(run.context) - 1, self.verifier.max_draft)
-        return self.policy.drafts(min(budget - 1, cap))
+        return self.policy.drafts(min(budget - 1, self._draft_cap(run.context)))
+
+    def _draft_cap(self, context: list[int]) -> int:
+        """Draft tokens one round may hold: the verifier's limit and the context room."""
+        return min(self.verifier.n_ctx - len(context) - 1, self.verifier.max_draft)
 
     def _open(
         self, context: list[int], params: SamplingParams, seed: int, first: bool, beside: bool
